@@ -1,0 +1,237 @@
+"""The one strict cattrs converter, and error reporting with JSON paths.
+
+Strict means: no extra keys, and no silent coercion between JSON types (``"5"`` is not 5,
+``3.7`` is not 3, ``null`` is not ``"None"``, ``true`` is not 1). The only widening is int ->
+float. Every problem in a document is reported at once, each as ``message @ $.json.path``.
+"""
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import attrs
+from cattrs import Converter
+from cattrs.errors import (
+    AttributeValidationNote,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
+from cattrs.v import format_exception as cattrs_format_exception
+from cattrs.v import transform_error
+
+from gmmt.config.data import DistributionSpec
+from gmmt.config.fields import (
+    ConfigError,
+    FieldProblem,
+    close_matches,
+    collect_problems,
+    describe_type,
+    describe_value,
+    literal_problem,
+    type_problem,
+)
+
+T = TypeVar("T")
+
+
+class _ValueProblem(ValueError):
+    """A value-level problem raised while structuring (message only; the path comes later)."""
+
+
+def _strict_primitive(tp: type) -> Any:
+    def hook(value: Any, _: Any) -> Any:
+        problem = type_problem(value, tp)
+        if problem:
+            raise _ValueProblem(problem)
+        return float(value) if tp is float else value
+
+    return hook
+
+
+def _literal_hook(tp: Any) -> Any:
+    choices = get_args(tp)
+
+    def hook(value: Any, _: Any) -> Any:
+        if type_problem(value, tp):
+            raise _ValueProblem(literal_problem(value, choices))
+        return value
+
+    return hook
+
+
+def _with_note(exc: Exception, note: str) -> Exception:
+    exc.add_note(note)
+    return exc
+
+
+def _make_converter() -> Converter:
+    conv = Converter(forbid_extra_keys=True, detailed_validation=True)
+    for tp in (int, float, str, bool):
+        conv.register_structure_hook(tp, _strict_primitive(tp))
+    conv.register_structure_hook_factory(lambda t: get_origin(t) is Literal, _literal_hook)
+
+    def list_hook(tp: Any) -> Any:
+        (item_tp,) = get_args(tp)
+
+        def hook(value: Any, _: Any) -> list:
+            if not isinstance(value, list):
+                raise _ValueProblem(f"expected {describe_type(tp)}, got {describe_value(value)}")
+            out, errors = [], []
+            for i, item in enumerate(value):
+                try:
+                    out.append(conv.structure(item, item_tp))
+                except Exception as exc:  # noqa: BLE001 - collected and reported with paths
+                    errors.append(_with_note(exc, IterableValidationNote(f"item {i}", i, item_tp)))
+            if errors:
+                raise IterableValidationError("invalid list", errors, tp)
+            return out
+
+        return hook
+
+    def tuple_hook(tp: Any) -> Any:
+        item_tps = get_args(tp)
+
+        def hook(value: Any, _: Any) -> tuple:
+            if not isinstance(value, (list, tuple)) or len(value) != len(item_tps):
+                raise _ValueProblem(f"expected {describe_type(tp)}, got {describe_value(value)}")
+            out, errors = [], []
+            for i, (item, item_tp) in enumerate(zip(value, item_tps)):
+                try:
+                    out.append(conv.structure(item, item_tp))
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(_with_note(exc, IterableValidationNote(f"item {i}", i, item_tp)))
+            if errors:
+                raise IterableValidationError("invalid list", errors, tp)
+            return tuple(out)
+
+        return hook
+
+    def dict_hook(tp: Any) -> Any:
+        key_tp, val_tp = get_args(tp)
+
+        def hook(value: Any, _: Any) -> dict:
+            if not isinstance(value, Mapping):
+                raise _ValueProblem(f"expected {describe_type(tp)}, got {describe_value(value)}")
+            out, errors = {}, []
+            for key, item in value.items():
+                try:
+                    out[conv.structure(key, key_tp)] = conv.structure(item, val_tp)
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(_with_note(exc, IterableValidationNote(f"key {key}", key, val_tp)))
+            if errors:
+                raise IterableValidationError("invalid mapping", errors, tp)
+            return out
+
+        return hook
+
+    conv.register_structure_hook_factory(lambda t: get_origin(t) is list, list_hook)
+    conv.register_structure_hook_factory(lambda t: get_origin(t) is tuple, tuple_hook)
+    conv.register_structure_hook_factory(lambda t: get_origin(t) is dict, dict_hook)
+    conv.register_structure_hook_factory(attrs.has, lambda cls: _attrs_hook(conv, cls))
+
+    conv.register_unstructure_hook_factory(
+        lambda t: get_origin(t) is tuple or t is tuple, lambda _t: lambda v: list(v))
+    conv.register_unstructure_hook(
+        DistributionSpec,
+        lambda spec: {f.name: conv.unstructure(getattr(spec, f.name))
+                      for f in attrs.fields(DistributionSpec)
+                      if getattr(spec, f.name) is not None})
+    return conv
+
+
+def _attrs_hook(conv: Converter, cls: type) -> Any:
+    """Structure a config class: every field, then range checks, then cross-field rules.
+
+    All problems found at one level are raised together; nested classes contribute theirs.
+    """
+    fields = attrs.fields(cls)
+    names = [f.name for f in fields]
+
+    def note(exc: Exception, name: str, tp: Any) -> Exception:
+        return _with_note(exc, AttributeValidationNote(f"field {name}", name, tp))
+
+    def hook(data: Any, _: Any) -> Any:
+        if not isinstance(data, Mapping):
+            raise _ValueProblem(f"expected an object ({cls.__name__}), got {describe_value(data)}")
+        errors: list[Exception] = []
+        extra = {k for k in data if k not in names}
+        if extra:
+            errors.append(ForbiddenExtraKeysError(None, cls, extra))
+        kwargs = {}
+        for f in fields:
+            if f.name in data:
+                try:
+                    kwargs[f.name] = conv.structure(data[f.name], f.type)
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(note(exc, f.name, f.type))
+        if errors:
+            raise ClassValidationError(f"invalid {cls.__name__}", errors, cls)
+        with attrs.validators.disabled():
+            instance = cls(**kwargs)
+        for f in fields:
+            try:
+                f.validator(instance, f, getattr(instance, f.name))
+            except FieldProblem as exc:
+                errors.append(note(exc, f.name, f.type))
+        if not errors and hasattr(instance, "_problems"):
+            for path, message in instance._problems():
+                errors.append(note(FieldProblem(path, message), path, None))
+        if errors:
+            raise ClassValidationError(f"invalid {cls.__name__}", errors, cls)
+        return instance
+
+    return hook
+
+
+def _format(exc: BaseException, tp: Any) -> str:
+    if isinstance(exc, FieldProblem):
+        return exc.message
+    if isinstance(exc, _ValueProblem):
+        return str(exc)
+    if isinstance(exc, ForbiddenExtraKeysError):
+        accepted = [f.name for f in attrs.fields(exc.cl)]
+        parts = []
+        for key in sorted(exc.extra_fields):
+            hint = close_matches(key, accepted)
+            parts.append(f"{key} (did you mean {hint[0]!r}?)" if hint else key)
+        return f"extra fields found ({', '.join(parts)}); accepted: {', '.join(accepted)}"
+    return cattrs_format_exception(exc, tp)
+
+
+CONVERTER = _make_converter()
+
+
+def structure(data: Any, cls: type[T]) -> T:
+    """Strictly build ``cls`` from plain data; raise ConfigError with every problem's path."""
+    try:
+        return CONVERTER.structure(data, cls)
+    except (ClassValidationError, IterableValidationError, _ValueProblem) as exc:
+        raise ConfigError(transform_error(exc, "$", _format)) from None
+
+
+def unstructure(config: Any) -> Any:
+    """Plain JSON-ready data (dicts, lists, numbers, strings) from a config object."""
+    return CONVERTER.unstructure(config)
+
+
+def check(config: Any) -> None:
+    """Re-run every field and cross-field check on a built config; raise ConfigError."""
+    problems = collect_problems(config)
+    if problems:
+        raise ConfigError(problems)
+
+
+def load_json(path: Path) -> Any:
+    """Read a JSON file; a syntax error becomes a ConfigError naming file, line and column."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"cannot read {path}: {exc.strerror}"], "cannot read config") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"{path}:{exc.lineno}:{exc.colno}: {exc.msg}"],
+                          "invalid JSON") from None

@@ -1,0 +1,126 @@
+"""Data configuration: the random-GMM prior sets are drawn from, and distribution specs."""
+
+import math
+from typing import Literal
+
+from gmmt.config.fields import config_class, non_empty, positive, setting
+
+DistributionType = Literal[
+    "fixed", "poisson", "truncated_poisson", "uniform", "normal", "truncated_normal",
+    "truncated_lognormal", "choice",
+]
+
+# Which parameters each distribution type needs; every other parameter must be left out.
+REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
+    "fixed": ("value",),
+    "poisson": ("rate",),
+    "truncated_poisson": ("rate", "min", "max"),
+    "uniform": ("min", "max"),
+    "normal": ("mean", "std"),
+    "truncated_normal": ("mean", "std", "min", "max"),
+    "truncated_lognormal": ("mean", "std", "min", "max"),
+    "choice": ("values",),
+}
+OPTIONAL_PARAMS: dict[str, tuple[str, ...]] = {"choice": ("probs",)}
+PARAM_NAMES = ("value", "rate", "mean", "std", "min", "max", "values", "probs")
+
+
+@config_class
+class DistributionSpec:
+    """A one-dimensional distribution, e.g. ``{"type": "uniform", "min": 2, "max": 4}``.
+
+    Integer quantities (cluster count K, point count N) round draws to the nearest integer;
+    ``uniform`` on them is inclusive of both ends. ``truncated_lognormal`` takes ``mean`` and
+    ``std`` of the logarithm. ``choice`` draws from ``values`` with ``probs`` (uniform if absent).
+    """
+
+    type: DistributionType = setting("fixed", "distribution family")
+    value: float | None = setting(None, "fixed: the value")
+    rate: float | None = setting(None, "poisson / truncated_poisson: the mean (lambda)", positive)
+    mean: float | None = setting(None, "normal family: mean (of the log for lognormal)")
+    std: float | None = setting(None, "normal family: standard deviation", positive)
+    min: float | None = setting(None, "lower bound (inclusive)")
+    max: float | None = setting(None, "upper bound (inclusive)")
+    values: list[float] | None = setting(None, "choice: the possible values", non_empty)
+    probs: list[float] | None = setting(None, "choice: their probabilities (sum to 1)")
+
+    def _problems(self) -> list[tuple[str, str]]:
+        required = REQUIRED_PARAMS[self.type]
+        allowed = required + OPTIONAL_PARAMS.get(self.type, ())
+        out = []
+        for name in PARAM_NAMES:
+            present = getattr(self, name) is not None
+            if name in required and not present:
+                out.append((name, f"required for type {self.type!r} (needs {', '.join(required)})"))
+            elif present and name not in allowed:
+                out.append((name, f"not used by type {self.type!r} (it takes {', '.join(allowed)})"))
+        if self.min is not None and self.max is not None and self.min > self.max:
+            out.append(("min", f"min ({self.min:g}) must be <= max ({self.max:g})"))
+        if self.probs is not None:
+            if self.values is not None and len(self.probs) != len(self.values):
+                out.append(("probs", f"has {len(self.probs)} entries but values has {len(self.values)}"))
+            if any(p < 0 for p in self.probs):
+                out.append(("probs", "probabilities must be >= 0"))
+            elif abs(sum(self.probs) - 1.0) > 1e-6:
+                out.append(("probs", f"probabilities must sum to 1, they sum to {sum(self.probs):.6g}"))
+        return out
+
+    def support(self) -> tuple[float, float]:
+        """Smallest and largest value a draw can take (``inf`` where unbounded)."""
+        if self.type == "fixed":
+            return (self.value, self.value)
+        if self.type == "choice":
+            return (min(self.values), max(self.values))
+        if self.type == "poisson":
+            return (0.0, math.inf)
+        if self.type == "normal":
+            return (-math.inf, math.inf)
+        return (self.min, self.max)
+
+
+def _uniform(lo: float, hi: float) -> DistributionSpec:
+    return DistributionSpec(type="uniform", min=lo, max=hi)
+
+
+@config_class
+class DataConfig:
+    """The prior over sets: how many clusters, how noisy, how many points, in which dimension."""
+
+    dim: int = setting(2, "dimension d of each point", positive)
+    cluster_params: DistributionSpec = setting(
+        doc="number of mixture components K per set (integer, >= 2)",
+        factory=lambda: _uniform(2, 4))
+    snr_db_params: DistributionSpec = setting(
+        doc="signal-to-noise ratio in dB per set (signal = weighted variance of the centres)",
+        factory=lambda: _uniform(12, 17))
+    sample_count_distribution: DistributionSpec = setting(
+        doc="number of points N (integer, >= 1); one N per batch unless ragged",
+        factory=lambda: _uniform(100, 500))
+    ragged: bool = setting(False, "draw N per set and pad with a mask (slower); else one N per batch")
+    center_scale: float = setting(1.0, "centres are drawn from N(0, center_scale^2 I)", positive)
+    weight_concentration: float = setting(
+        5.0, "Dirichlet concentration alpha of the mixture weights (large = equal weights)", positive)
+
+    def _problems(self) -> list[tuple[str, str]]:
+        out = []
+        for name, lowest in (("cluster_params", 2), ("sample_count_distribution", 1)):
+            spec = getattr(self, name)
+            if spec._problems():
+                continue  # reported on the spec itself
+            lo, hi = spec.support()
+            if lo < lowest:
+                out.append((name, f"can draw {lo:g}, but must stay >= {lowest}; use a type with min"))
+            if math.isinf(hi):
+                out.append((name, "is unbounded; use a type with max (e.g. truncated_poisson)"))
+        return out
+
+    @property
+    def max_clusters(self) -> int:
+        """K_max: the largest K the cluster distribution can draw (centre tensors pad to it)."""
+        return int(round(self.cluster_params.support()[1]))
+
+    @property
+    def max_points(self) -> int:
+        """The largest N the sample-count distribution can draw."""
+        return int(round(self.sample_count_distribution.support()[1]))
+

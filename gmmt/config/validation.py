@@ -1,0 +1,67 @@
+"""Validation configuration: the held-out bank, metrics, baselines and plots."""
+
+from typing import Literal
+
+from gmmt.config.fields import config_class, non_negative, positive, setting, unique_items
+
+MetricName = Literal["mse", "mse_over_noise", "gap_closed", "ari", "nmi", "energy", "wasserstein"]
+BaselineName = Literal["identity", "oracle", "em", "kmeans"]
+PlotName = Literal["sample_grid", "training_curves", "error_vs_snr"]
+
+
+@config_class
+class EMConfig:
+    """The EM baseline (true K, spherical covariances, k-means++ initialisation)."""
+
+    n_init: int = setting(3, "restarts; the best log-likelihood wins", positive)
+    max_iter: int = setting(100, "iterations per restart", positive)
+    tol: float = setting(1e-6, "stop when the mean log-likelihood gains less", positive)
+
+
+@config_class
+class BreakdownConfig:
+    """Split validation metrics by SNR bin and by K."""
+
+    by_snr: bool = setting(False, "report metrics per SNR bin")
+    snr_bins: int = setting(5, "equal-width SNR bins over the prior's range", positive)
+    by_k: bool = setting(False, "report metrics per number of clusters")
+
+
+@config_class
+class VisualizationConfig:
+    """Plots written to the run's plots/ folder (and logged to trackers)."""
+
+    enabled: bool = setting(False, "draw plots")
+    plots: list[PlotName] = setting(doc="which plots", factory=lambda: ["sample_grid"], checks=[unique_items])
+    num_examples: int = setting(6, "sets shown in the sample grid", positive)
+    baseline: BaselineName = setting("kmeans", "baseline drawn beside the model in the grid")
+
+
+@config_class
+class ValidationConfig:
+    """What validation computes and how often."""
+
+    num_sets: int = setting(256, "size of the fixed validation bank", positive)
+    batch_size: int = setting(64, "sets per validation batch", positive)
+    every_n_steps: int = setting(100, "validate every n optimizer steps (0: only at the end)",
+                                 non_negative)
+    metrics: list[MetricName] = setting(doc="metrics of the model (and baselines)",
+                                        factory=lambda: ["mse", "mse_over_noise"],
+                                        checks=[unique_items])
+    baselines: list[BaselineName] = setting(doc="classical answers to compare with",
+                                            factory=list, checks=[unique_items])
+    em: EMConfig = setting(doc="EM baseline settings", factory=EMConfig)
+    breakdown: BreakdownConfig = setting(doc="per-SNR / per-K breakdown", factory=BreakdownConfig)
+    visualization: VisualizationConfig = setting(doc="plots", factory=VisualizationConfig)
+
+    def _problems(self) -> list[tuple[str, str]]:
+        out = []
+        if "gap_closed" in self.metrics:
+            missing = [b for b in ("em", "oracle") if b not in self.baselines]
+            if missing:
+                out.append(("metrics", f"gap_closed needs baselines {missing} in baselines"))
+        vis = self.visualization
+        if vis.enabled and "sample_grid" in vis.plots and vis.baseline not in self.baselines:
+            out.append(("visualization.baseline", f"{vis.baseline!r} is not in baselines "
+                        f"{self.baselines}"))
+        return out
