@@ -1,0 +1,51 @@
+"""Set-level statistics shared by the model: masked means and the input set normalisation.
+
+Shape legend: b sets, n points, d dims, c any feature width. ``mask`` is [b, n] bool with True
+marking real points, or ``None`` when every set is full.
+"""
+
+import torch
+
+# Smallest set scale we divide by: keeps a degenerate set (all points equal) finite.
+SCALE_EPS = 1e-6
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the points of each set, [b, n, c] -> [b, 1, c], ignoring padded points."""
+    if mask is None:
+        return x.mean(dim=1, keepdim=True)
+    weights = mask.unsqueeze(-1).to(x.dtype)  # [b, n, 1]
+    # clamp: a set without real points gets mean 0 instead of 0/0
+    count = weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return (x * weights).sum(dim=1, keepdim=True) / count
+
+
+def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Set padded points to 0, so whatever the caller left there (even NaN) cannot leak."""
+    if mask is None:
+        return x
+    return x.masked_fill(~mask.unsqueeze(-1), 0.0)
+
+
+def normalize_set(points: torch.Tensor, mask: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centre each set on its mean and divide by its scale.
+
+    The scale is the RMS distance to the mean per coordinate, so a normalised set has unit
+    average variance per coordinate whatever d is. A model that reads ``z`` and whose output is
+    mapped back with :func:`denormalize_set` is translation- and scale-equivariant by
+    construction.
+
+    Returns ``(z [b, n, d], mean [b, 1, d], scale [b, 1, 1])``; padded rows of ``z`` are 0.
+    """
+    points = zero_padding(points, mask)
+    mean = masked_mean(points, mask)
+    centred = zero_padding(points - mean, mask)
+    var = masked_mean(centred.square().mean(dim=-1, keepdim=True), mask)  # [b, 1, 1]
+    scale = var.sqrt().clamp_min(SCALE_EPS)
+    return centred / scale, mean, scale
+
+
+def denormalize_set(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`normalize_set`: map normalised coordinates back to the input frame."""
+    return z * scale + mean
