@@ -83,7 +83,7 @@ def _make_converter() -> Converter:
             for i, item in enumerate(value):
                 try:
                     out.append(conv.structure(item, item_tp))
-                except Exception as exc:  # noqa: BLE001 - collected and reported with paths
+                except Exception as exc:
                     errors.append(_with_note(exc, IterableValidationNote(f"item {i}", i, item_tp)))
             if errors:
                 raise IterableValidationError("invalid list", errors, tp)
@@ -101,7 +101,7 @@ def _make_converter() -> Converter:
             for i, (item, item_tp) in enumerate(zip(value, item_tps)):
                 try:
                     out.append(conv.structure(item, item_tp))
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     errors.append(_with_note(exc, IterableValidationNote(f"item {i}", i, item_tp)))
             if errors:
                 raise IterableValidationError("invalid list", errors, tp)
@@ -119,8 +119,9 @@ def _make_converter() -> Converter:
             for key, item in value.items():
                 try:
                     out[conv.structure(key, key_tp)] = conv.structure(item, val_tp)
-                except Exception as exc:  # noqa: BLE001
-                    errors.append(_with_note(exc, IterableValidationNote(f"key {key}", key, val_tp)))
+                except Exception as exc:
+                    note = IterableValidationNote(f"key {key}", key, val_tp)
+                    errors.append(_with_note(exc, note))
             if errors:
                 raise IterableValidationError("invalid mapping", errors, tp)
             return out
@@ -165,7 +166,7 @@ def _attrs_hook(conv: Converter, cls: type) -> Any:
             if f.name in data:
                 try:
                     kwargs[f.name] = conv.structure(data[f.name], f.type)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     errors.append(note(exc, f.name, f.type))
         if errors:
             raise ClassValidationError(f"invalid {cls.__name__}", errors, cls)
@@ -193,10 +194,12 @@ def _format(exc: BaseException, tp: Any) -> str:
         return str(exc)
     if isinstance(exc, ForbiddenExtraKeysError):
         accepted = [f.name for f in attrs.fields(exc.cl)]
+        aliases: dict[str, str] = getattr(exc.cl, "KEY_ALIASES", {})
         parts = []
         for key in sorted(exc.extra_fields):
-            hint = close_matches(key, accepted)
-            parts.append(f"{key} (did you mean {hint[0]!r}?)" if hint else key)
+            hint = close_matches(key, accepted + list(aliases))
+            suggestion = aliases.get(hint[0], hint[0]) if hint else None
+            parts.append(f"{key} (did you mean {suggestion!r}?)" if suggestion else key)
         return f"extra fields found ({', '.join(parts)}); accepted: {', '.join(accepted)}"
     return cattrs_format_exception(exc, tp)
 

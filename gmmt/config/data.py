@@ -53,16 +53,19 @@ class DistributionSpec:
             if name in required and not present:
                 out.append((name, f"required for type {self.type!r} (needs {', '.join(required)})"))
             elif present and name not in allowed:
-                out.append((name, f"not used by type {self.type!r} (it takes {', '.join(allowed)})"))
+                out.append((name, f"not used by type {self.type!r} "
+                            f"(it takes {', '.join(allowed)})"))
         if self.min is not None and self.max is not None and self.min > self.max:
             out.append(("min", f"min ({self.min:g}) must be <= max ({self.max:g})"))
         if self.probs is not None:
             if self.values is not None and len(self.probs) != len(self.values):
-                out.append(("probs", f"has {len(self.probs)} entries but values has {len(self.values)}"))
+                out.append(("probs", f"has {len(self.probs)} entries but values has "
+                            f"{len(self.values)}"))
             if any(p < 0 for p in self.probs):
                 out.append(("probs", "probabilities must be >= 0"))
             elif abs(sum(self.probs) - 1.0) > 1e-6:
-                out.append(("probs", f"probabilities must sum to 1, they sum to {sum(self.probs):.6g}"))
+                out.append(("probs", f"probabilities must sum to 1, they sum to "
+                            f"{sum(self.probs):.6g}"))
         return out
 
     def support(self) -> tuple[float, float]:
@@ -96,10 +99,12 @@ class DataConfig:
     sample_count_distribution: DistributionSpec = setting(
         doc="number of points N (integer, >= 1); one N per batch unless ragged",
         factory=lambda: _uniform(100, 500))
-    ragged: bool = setting(False, "draw N per set and pad with a mask (slower); else one N per batch")
+    ragged: bool = setting(
+        False, "draw N per set and pad with a mask (slower); else one N per batch")
     center_scale: float = setting(1.0, "centres are drawn from N(0, center_scale^2 I)", positive)
     weight_concentration: float = setting(
-        5.0, "Dirichlet concentration alpha of the mixture weights (large = equal weights)", positive)
+        5.0, "Dirichlet concentration alpha of the mixture weights (large = equal weights)",
+        positive)
 
     def _problems(self) -> list[tuple[str, str]]:
         out = []
@@ -109,7 +114,8 @@ class DataConfig:
                 continue  # reported on the spec itself
             lo, hi = spec.support()
             if lo < lowest:
-                out.append((name, f"can draw {lo:g}, but must stay >= {lowest}; use a type with min"))
+                out.append((name, f"can draw {lo:g}, but must stay >= {lowest}; "
+                            f"use a type with min"))
             if math.isinf(hi):
                 out.append((name, "is unbounded; use a type with max (e.g. truncated_poisson)"))
         return out
@@ -117,10 +123,10 @@ class DataConfig:
     @property
     def max_clusters(self) -> int:
         """K_max: the largest K the cluster distribution can draw (centre tensors pad to it)."""
-        return int(round(self.cluster_params.support()[1]))
+        return round(self.cluster_params.support()[1])
 
     @property
     def max_points(self) -> int:
         """The largest N the sample-count distribution can draw."""
-        return int(round(self.sample_count_distribution.support()[1]))
+        return round(self.sample_count_distribution.support()[1])
 

@@ -227,6 +227,9 @@ def _bound(op: str, limit: float) -> Callable[[Any, attrs.Attribute, Any], None]
         if value is not None and not test(value):
             raise FieldProblem(attribute.name, f"must be {op} {limit}, got {value!r}")
 
+    keyword = {">": "exclusiveMinimum", ">=": "minimum", "<": "exclusiveMaximum",
+               "<=": "maximum"}[op]
+    check.json_schema = {keyword: limit}  # type: ignore[attr-defined]  # read by schema.py
     return check
 
 

@@ -17,7 +17,7 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any],
     """A new dict: ``overlay`` over ``base``; nested dicts merge, everything else replaces."""
     out = copy.deepcopy(base)
     for key, value in overlay.items():
-        path = _path + (key,)
+        path = (*_path, key)
         old = out.get(key)
         typed_replace = path in ATOMIC_WHEN_TYPED and isinstance(value, dict) and "type" in value
         if isinstance(old, dict) and isinstance(value, dict) and not typed_replace:

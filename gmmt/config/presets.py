@@ -109,7 +109,7 @@ class PresetStore:
         key = f"{name}@{entry.level}"
         if key in chain:
             raise ConfigError([f"{kind} preset {name!r} extends itself: "
-                               f"{' -> '.join(chain + (key,))}"], "preset cycle")
+                               f"{' -> '.join((*chain, key))}"], "preset cycle")
         body = {k: v for k, v in entry.body.items() if k not in META_KEYS}
         parent = entry.body.get("extends")
         if parent is None:
@@ -119,7 +119,7 @@ class PresetStore:
                               "bad preset file")
         # A user preset may extend the packaged preset of the same name.
         parent_below = entry.level if parent == name else None
-        return deep_merge(self._resolve(kind, parent, parent_below, chain + (key,)), body)
+        return deep_merge(self._resolve(kind, parent, parent_below, (*chain, key)), body)
 
     def description(self, kind: str, name: str) -> str:
         return str(self._entry(kind, name).body.get("description", ""))
@@ -232,8 +232,12 @@ def resolve_config(
         applied.append(expr)
 
     meta_record: dict[str, Any] = {"overrides": applied}
-    if preset_name is not None:  # a file-only config keeps the provenance it was saved with
+    if preset_name is not None:
         meta_record.update(preset=preset_name, component_presets=components)
+    else:  # a file-only config keeps the provenance it was saved with, plus the new overrides
+        meta = layered.get("metadata")
+        earlier = meta.get("overrides", []) if isinstance(meta, dict) else []
+        meta_record["overrides"] = (earlier if isinstance(earlier, list) else []) + applied
     layered = deep_merge(layered, {"metadata": meta_record})
     return Resolved(structure(layered, ExperimentConfig), preset_name, components, applied, bare)
 

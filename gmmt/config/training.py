@@ -1,6 +1,6 @@
 """Training configuration: optimisation, schedule, loss, checkpoints, early stopping."""
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from gmmt.config.fields import (
     at_most,
@@ -15,7 +15,7 @@ from gmmt.config.fields import (
 
 @config_class
 class OptimizerConfig:
-    """AdamW with decay on weight matrices only (biases, norms and embeddings-free params skip it)."""
+    """AdamW; weight decay applies to weight matrices only (not biases or norm weights)."""
 
     type: Literal["adamw"] = setting("adamw", "optimizer")
     lr: float = setting(1e-3, "peak learning rate", positive)
@@ -106,6 +106,11 @@ class TrainingConfig:
     ema: EMAConfig = setting(doc="weight EMA", factory=EMAConfig)
     early_stopping: EarlyStoppingConfig = setting(doc="early stopping",
                                                   factory=EarlyStoppingConfig)
+
+    # Names users reach for in JSON that live elsewhere (used for "did you mean" hints).
+    KEY_ALIASES: ClassVar[dict[str, str]] = {"learning_rate": "optimizer.lr", "lr": "optimizer.lr",
+                                             "epochs": "num_epochs", "warmup_steps":
+                                             "scheduler.warmup_steps"}
 
     @property
     def total_steps(self) -> int:

@@ -32,7 +32,8 @@ class VisualizationConfig:
     """Plots written to the run's plots/ folder (and logged to trackers)."""
 
     enabled: bool = setting(False, "draw plots")
-    plots: list[PlotName] = setting(doc="which plots", factory=lambda: ["sample_grid"], checks=[unique_items])
+    plots: list[PlotName] = setting(doc="which plots", factory=lambda: ["sample_grid"],
+                                    checks=[unique_items])
     num_examples: int = setting(6, "sets shown in the sample grid", positive)
     baseline: BaselineName = setting("kmeans", "baseline drawn beside the model in the grid")
 

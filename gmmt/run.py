@@ -1,0 +1,151 @@
+"""Command line: ``python -m gmmt.run`` (also ``gmmt`` and ``accelerate launch -m gmmt.run``).
+
+Arguments become config layers (see ``gmmt.config.presets``); the resolved config goes to the
+trainer. Configuration mistakes print every problem with its JSON path and exit with code 2.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from gmmt.config.fields import ConfigError
+from gmmt.config.overrides import diff, format_diff
+from gmmt.config.presets import COMPONENTS, PresetStore, Resolved, preset_dirs, resolve_config
+
+EXIT_CONFIG_ERROR = 2
+
+EPILOG = """\
+layers (later wins): code defaults < component presets < experiment preset < user preset
+folders (GMMT_CONFIG_PATH, --config-dir) < --config FILE < DEVICE env < --device/--exp-name/
+--seed < --set.  VALUE in --set is JSON (3, 0.1, true, null, [1,2], {"a":1}), else a string.
+
+examples:
+  python -m gmmt.run --preset quick_test
+  python -m gmmt.run --preset standard --set training.optimizer.lr=2e-4 --print-config
+  python -m gmmt.run --model-preset medium_flow --data-preset complex --device cuda
+  accelerate launch --config_file launch/multi_gpu.yaml -m gmmt.run --preset high_performance
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gmmt", description="Train a GMM set transformer from layered presets.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("presets")
+    g.add_argument("--preset", "--experiment-preset", dest="preset", metavar="NAME",
+                   help="experiment preset (default: quick_test); see --list-presets")
+    for component in COMPONENTS:
+        g.add_argument(f"--{component}-preset", dest=component, metavar="NAME",
+                       help=f"{component} component preset (replaces the experiment's)")
+    g.add_argument("--config-dir", action="append", default=[], metavar="DIR",
+                   help="extra preset folder layered over the packaged ones (repeatable)")
+    o = p.add_argument_group("overrides")
+    o.add_argument("--config", dest="config_file", metavar="FILE",
+                   help="JSON config layered over the presets (e.g. a saved config.json)")
+    o.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. training.optimizer.lr=3e-4 (repeatable)")
+    o.add_argument("--device", help="auto, cpu, cuda, mps or tpu (beats the DEVICE env var)")
+    o.add_argument("--exp-name", help="experiment name (names the run folder)")
+    o.add_argument("--seed", type=int, help="seed of data streams and initialisation")
+    r = p.add_argument_group("running")
+    r.add_argument("--resume", metavar="latest|PATH",
+                   help="continue a run: 'latest' checkpoint of the newest matching run, or a "
+                        "run/checkpoint folder")
+    r.add_argument("--dry-run", action="store_true",
+                   help="resolve and check the config, build the model, then exit")
+    i = p.add_argument_group("information (print and exit)")
+    i.add_argument("--list-presets", action="store_true", help="list every preset")
+    i.add_argument("--describe-preset", metavar="NAME",
+                   help="show an experiment preset, or a component preset as COMPONENT:NAME")
+    i.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and its diff against the bare preset")
+    i.add_argument("--schema", action="store_true", help="print the JSON Schema of the config")
+    return p
+
+
+def list_presets(store: PresetStore) -> str:
+    lines = ["experiment presets:"]
+    for name in store.names("experiments"):
+        body = store.experiment(name)
+        parts = ", ".join(f"{c}={body[c]}" for c in COMPONENTS)
+        lines.append(f"  {name:<20} {store.description('experiments', name)}")
+        lines.append(f"  {'':<20} ({parts})")
+    for kind in (*COMPONENTS, "data_params/cluster_params", "data_params/snr_db_params",
+                 "data_params/sample_count_distribution"):
+        lines.append(f"\n{kind.replace('data_params/', 'data.')} presets:")
+        for name in store.names(kind):
+            lines.append(f"  {name:<20} {store.description(kind, name)}")
+    return "\n".join(lines)
+
+
+def describe_preset(store: PresetStore, name: str) -> str:
+    if ":" in name:
+        kind, _, preset = name.partition(":")
+        if kind not in COMPONENTS:
+            raise ConfigError([f"unknown component {kind!r} in {name!r}; use one of "
+                               f"{', '.join(COMPONENTS)} (e.g. model:medium)"], "bad preset name")
+        body = store.resolve_data_params({kind: store.resolve(kind, preset)})[kind]
+        return (f"{kind} preset {preset!r}: {store.description(kind, preset)}\n"
+                + json.dumps(body, indent=2))
+    body = store.experiment(name)
+    lines = [f"experiment preset {name!r}: {store.description('experiments', name)}"]
+    for c in COMPONENTS:
+        lines.append(f"  {c:<11} {body[c]:<16} {store.description(c, body[c])}")
+    if body.get("overrides"):
+        lines.append("  overrides: " + json.dumps(body["overrides"]))
+    return "\n".join(lines)
+
+
+def describe_resolution(res: Resolved) -> str:
+    """Preset names, overrides and the diff against the bare experiment preset."""
+    lines = [f"preset: {res.preset or '(none: config file over code defaults)'}"]
+    if res.components:
+        lines.append("components: " + ", ".join(f"{k}={v}" for k, v in res.components.items()))
+    lines.append("overrides: " + (", ".join(res.overrides) if res.overrides else "(none)"))
+    changes = [c for c in diff(res.bare, res.config.to_dict())
+               if not c[0].startswith("metadata.")]
+    lines.append(f"diff against the bare preset {res.preset!r}:" if res.preset
+                 else "diff against code defaults:")
+    lines.append(format_diff(changes))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.schema:
+            from gmmt.config.schema import json_schema
+
+            print(json.dumps(json_schema(), indent=2))
+            return 0
+        store = PresetStore(preset_dirs(args.config_dir))
+        if args.list_presets:
+            print(list_presets(store))
+            return 0
+        if args.describe_preset:
+            print(describe_preset(store, args.describe_preset))
+            return 0
+        resolved = resolve_config(
+            args.preset, model=args.model, training=args.training, data=args.data,
+            validation=args.validation, config_file=args.config_file,
+            config_dirs=args.config_dir, overrides=args.overrides, device=args.device,
+            exp_name=args.exp_name, seed=args.seed)
+        if args.print_config:
+            print(json.dumps(resolved.config.to_dict(), indent=2))
+            print(describe_resolution(resolved))
+            return 0
+        if args.dry_run:
+            print(describe_resolution(resolved))
+            print("dry run: the configuration is valid.")
+            return 0
+    except ConfigError as err:
+        print(f"gmmt: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print("gmmt: training is not built yet (the trainer is issue 4); use --print-config or "
+          "--dry-run to inspect the configuration.", file=sys.stderr)
+    return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The command line, as a user runs it: output, exit codes, no tracebacks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gmmt.run import main
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) \
+        -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "gmmt.run", *args], capture_output=True,
+                          text=True, cwd=cwd, env=full_env, timeout=120)
+
+
+def test_list_presets(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--list-presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("quick_test", "standard", "high_performance"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(name))
+        assert len(line.split()) > 2  # the name is followed by its description
+    for name in ("medium_flow", "small_rf", "comprehensive", "few", "difficult", "fixed_500"):
+        assert name in out
+
+
+def test_print_config_shows_value_and_diff(capsys: pytest.CaptureFixture) -> None:
+    code = main(["--print-config", "--preset", "standard", "--set",
+                 "training.optimizer.lr=0.0002"])
+    out = capsys.readouterr().out
+    assert code == 0
+    config_text, _, summary = out.partition("\npreset: ")
+    assert json.loads(config_text)["training"]["optimizer"]["lr"] == 0.0002
+    assert "training.optimizer.lr: 0.0005 -> 0.0002" in summary
+    assert "overrides: training.optimizer.lr=0.0002" in summary
+
+
+def test_describe_preset(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--describe-preset", "high_performance"]) == 0
+    out = capsys.readouterr().out
+    assert "large" in out and "optimized" in out and "bf16" in out
+    assert main(["--describe-preset", "model:medium_flow"]) == 0
+    body = capsys.readouterr().out.split("\n", 1)[1]
+    assert json.loads(body)["transformer"]["flow"]["enabled"] is True
+
+
+def test_schema_describes_the_config(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    lr = schema["$defs"]["OptimizerConfig"]["properties"]["lr"]
+    assert lr["type"] == "number" and lr["exclusiveMinimum"] == 0 and lr["description"]
+    assert schema["$defs"]["TrainingConfig"]["additionalProperties"] is False
+    assert set(schema["properties"]) == {"metadata", "paths", "device", "model", "training",
+                                         "data", "validation", "logging"}
+
+
+def test_dry_run_mix_and_match(capsys: pytest.CaptureFixture) -> None:
+    code = main(["--dry-run", "--model-preset", "medium", "--training-preset", "standard",
+                 "--data-preset", "complex", "--validation-preset", "comprehensive"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "components: model=medium, training=standard, data=complex" in out
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--set", "training.num_epochs=abc"], "expected int, got str 'abc' @ $.training.num_epochs"),
+    (["--set", "training.learning_rat=1"], "extra fields found (learning_rat"),
+    (["--preset", "standrd"], "unknown experiment preset 'standrd' (did you mean 'standard'?)"),
+    (["--set", "data.cluster_params.min=9"], "must be <= max (4) @ $.data.cluster_params.min"),
+    (["--set", "training"], "--set expects KEY.PATH=VALUE"),
+    (["--device", "gpu"], "expected one of 'auto', 'cpu', 'cuda', 'mps', 'tpu'; got 'gpu'"),
+])
+def test_bad_input_exits_2_without_traceback(args: list[str], expected: str,
+                                             tmp_path: Path) -> None:
+    result = run_cli(*args, "--print-config", cwd=tmp_path)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_bad_preset_file_exits_2_naming_file_and_line(tmp_path: Path) -> None:
+    broken = tmp_path / "presets" / "experiments" / "mine.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text('{"mine": {"model": "tiny",, "training": "quick"}}')
+    result = run_cli("--config-dir", str(tmp_path / "presets"), "--list-presets")
+    assert result.returncode == 2
+    assert f"{broken}:1:27" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("--preset", "standard", "--print-config",
+                     env={"GMMT_CONFIG_PATH": str(tmp_path / "presets")})
+    assert result.returncode == 2 and str(broken) in result.stderr
+
+
+def test_bad_config_file(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text('{"training": {"batch_size": "8"}}')
+    result = run_cli("--config", str(tmp_path / "run.json"), "--print-config")
+    assert result.returncode == 2
+    assert "expected int, got str '8' @ $.training.batch_size" in result.stderr
+    result = run_cli("--config", str(tmp_path / "missing.json"), "--print-config")
+    assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+def test_help_explains_layers() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for text in ("--preset", "--set", "--config-dir", "--resume", "--schema", "layers"):
+        assert text in result.stdout

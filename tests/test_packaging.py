@@ -1,0 +1,44 @@
+"""A non-editable install ships every preset and works from an unrelated directory."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from gmmt.config.presets import PresetStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_install_finds_every_preset(tmp_path: Path) -> None:
+    wheel_dir, target, elsewhere = tmp_path / "wheel", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps",
+                    "--no-build-isolation", "-q", "-w", str(wheel_dir)], check=True,
+                   capture_output=True, timeout=300)
+    (wheel,) = wheel_dir.glob("gmmt-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True, timeout=300)
+    script = (
+        "import gmmt, json\n"
+        "from gmmt.config.presets import PresetStore, get_preset_config\n"
+        "s = PresetStore()\n"
+        "print(json.dumps({'file': gmmt.__file__, 'kinds': {k: s.names(k) for k in "
+        "['experiments', 'model', 'training', 'data', 'validation', "
+        "'data_params/cluster_params', 'data_params/snr_db_params', "
+        "'data_params/sample_count_distribution']}, "
+        "'hp': get_preset_config('high_performance').model.transformer.num_layers}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    found = json.loads(out)
+    assert Path(found["file"]).is_relative_to(target)  # the installed copy, not the checkout
+    source = REPO / "gmmt" / "configs"
+    for kind, names in found["kinds"].items():
+        assert names == PresetStore([source]).names(kind), kind
+        assert names
+    assert found["hp"] == 48
+    # The console script is declared.
+    assert "gmmt = gmmt.run:main" in (REPO / "setup.cfg").read_text()
