@@ -48,8 +48,9 @@ def orthogonal_gaussian_features(num_features: int, head_dim: int,
     blocks = []
     for _ in range(math.ceil(num_features / head_dim)):
         gauss = torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64)
-        q, _ = torch.linalg.qr(gauss)
-        blocks.append(q.T)
+        q, r = torch.linalg.qr(gauss)
+        # QR's sign convention biases Q; fixing the signs by diag(R) makes it Haar-uniform
+        blocks.append((q * torch.sign(torch.diagonal(r))).T)
     rows = torch.cat(blocks)[:num_features]
     norms = torch.randn(num_features, head_dim, generator=generator,
                         dtype=torch.float64).norm(dim=1, keepdim=True)
