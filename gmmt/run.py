@@ -9,11 +9,13 @@ import json
 import sys
 from collections.abc import Sequence
 
+from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.fields import ConfigError
 from gmmt.config.overrides import diff, format_diff
 from gmmt.config.presets import COMPONENTS, PresetStore, Resolved, preset_dirs, resolve_config
 
 EXIT_CONFIG_ERROR = 2
+EXIT_DIVERGED = 3
 
 EPILOG = """\
 layers (later wins): code defaults < component presets < experiment preset < user preset
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="latest|PATH",
                    help="continue a run: 'latest' checkpoint of the newest matching run, or a "
                         "run/checkpoint folder")
+    r.add_argument("--stop-after-steps", type=int, metavar="N",
+                   help="stop with a checkpoint after N optimizer steps (schedule unchanged)")
     r.add_argument("--dry-run", action="store_true",
                    help="resolve and check the config, build the model, then exit")
     i = p.add_argument_group("information (print and exit)")
@@ -137,14 +141,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.dry_run:
             print(describe_resolution(resolved))
-            print("dry run: the configuration is valid.")
+            dry_run(resolved.config)
             return 0
+        from gmmt.training.experiment import ExperimentManager, TrainingDiverged
+
+        manager = ExperimentManager(resolved.config, resume=args.resume,
+                                    stop_after_steps=args.stop_after_steps)
+        summary = manager.run()
     except ConfigError as err:
         print(f"gmmt: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    print("gmmt: training is not built yet (the trainer is issue 4); use --print-config or "
-          "--dry-run to inspect the configuration.", file=sys.stderr)
-    return 3
+    except TrainingDiverged as err:
+        print(f"gmmt: training diverged: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print("gmmt: interrupted; the last checkpoint can be resumed with --resume latest",
+              file=sys.stderr)
+        return 130
+    if "stopped_by" in summary and summary.get("steps", 0) < summary.get("total_steps", 0):
+        print(f"gmmt: stopped at step {summary['steps']} ({summary['stopped_by']}); "
+              f"resume with --resume latest", file=sys.stderr)
+    return 0
+
+
+def dry_run(config: ExperimentConfig) -> None:
+    """Build the model and draw one batch on CPU: catches shape and memory surprises early."""
+    import torch
+
+    from gmmt.data.gmm import GMMSampler
+    from gmmt.model.build import build_model, count_parameters
+
+    model = build_model(config.model, config.data.dim)
+    batch = GMMSampler(config.data, config.device.seed).batch(0, 2)
+    with torch.no_grad():
+        out = model(batch.points, batch.mask, batch.snr_db)
+    print(f"dry run: config valid; model has {count_parameters(model):,} parameters; "
+          f"a batch of 2 sets with {batch.points.shape[1]} points -> output {tuple(out.shape)}.")
 
 
 if __name__ == "__main__":
