@@ -81,7 +81,8 @@ class SNREstimator(nn.Module):
         feats = torch.cat([z, z.square().sum(dim=-1, keepdim=True)], dim=-1)  # [b, n, d+1]
         pooled = masked_mean(self.point_mlp(feats), mask).squeeze(1)  # [b, H]
         # predict in normalised units so the head works at O(1) scale
-        return self.center_db + self.scale_db * self.head(pooled).squeeze(-1)
+        raw = self.head(pooled).squeeze(-1).to(z.dtype)  # float32 even under autocast
+        return self.center_db + self.scale_db * raw
 
 
 class FlowSpeed(nn.Module):
