@@ -1,0 +1,236 @@
+"""The trainer on CPU: run folder, exact resume, crash safety, NaN guard, trackers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gmmt
+from gmmt.config.experiment import ExperimentConfig
+from gmmt.config.fields import ConfigError
+from gmmt.config.presets import resolve_config
+from gmmt.training.checkpoint import latest_checkpoint, step_checkpoints
+from gmmt.training.experiment import ExperimentManager, TrainingDiverged, build_accelerator
+from gmmt.training.optim import build_optimizer, lr_factor
+
+
+def small_config(base_dir: Path, *extra: str) -> ExperimentConfig:
+    """quick_test shrunk to seconds: 4 steps of 4 sets of 40 points, checkpoint every step."""
+    return resolve_config("quick_test", overrides=[
+        "device.device=cpu", f"paths.base_dir={base_dir}", "metadata.exp_name=t",
+        "training.num_epochs=2", "training.steps_per_epoch=2", "training.batch_size=4",
+        "training.scheduler.warmup_steps=1",
+        'data.sample_count_distribution={"type": "fixed", "value": 40}',
+        "validation.num_sets=8", "validation.batch_size=4", "validation.every_n_steps=2",
+        "training.checkpointing.every_n_steps=1", "training.checkpointing.keep_last=10",
+        "logging.log_every_n_steps=1", "logging.wandb.enabled=false",
+        "logging.progress_bar=false", *extra]).config
+
+
+def only_run(base: Path) -> Path:
+    (run,) = [p for p in base.iterdir() if p.is_dir()]
+    return run
+
+
+def logged(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+def test_run_writes_the_run_folder(tmp_path: Path) -> None:
+    summary = ExperimentManager(small_config(tmp_path)).run()
+    run = only_run(tmp_path)
+    for name in ("config.json", "train.log", "metrics.jsonl", "summary.json",
+                 "best/model.safetensors", "best/config.json", "final/model.safetensors",
+                 "final/config.json", "plots"):
+        assert (run / name).exists(), name
+    assert [s for s, _ in step_checkpoints(run)] == [1, 2, 3, 4]
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json"} \
+        <= {p.name for p in latest_checkpoint(run).iterdir()}
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert summary["steps"] == 4 and summary["model"]["mse"] > 0
+    assert ExperimentConfig.load(run / "config.json") == small_config(tmp_path)
+    assert [s for s, _ in logged(run, "train/loss")] == [1, 2, 3, 4]
+    # The exported model is loadable without pickle and is the trained one.
+    model = gmmt.load_model(run / "final")
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_resume_is_bit_identical(tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    ExperimentManager(small_config(straight)).run()
+    split = tmp_path / "split"
+    first = ExperimentManager(small_config(split), stop_after_steps=2).run()
+    assert first["steps"] == 2 and first["stopped_by"] == "stop_after_steps"
+    assert not (only_run(split) / "final").exists()
+    ExperimentManager(small_config(split), resume="latest").run()
+    a = load_file(str(only_run(straight) / "final" / "model.safetensors"))
+    b = load_file(str(only_run(split) / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert logged(only_run(straight), "train/loss") == logged(only_run(split), "train/loss")
+    assert logged(only_run(straight), "train/lr") == logged(only_run(split), "train/lr")
+
+
+def test_resume_locks_model_and_data_but_allows_epochs(tmp_path: Path) -> None:
+    ExperimentManager(small_config(tmp_path), stop_after_steps=2).run()
+    with pytest.raises(ConfigError, match="model.transformer.hidden_dim is locked on resume"):
+        ExperimentManager(small_config(tmp_path, "model.transformer.hidden_dim=64"),
+                          resume="latest").run()
+    with pytest.raises(ConfigError, match="device.seed is locked"):
+        ExperimentManager(small_config(tmp_path, "device.seed=1"), resume="latest").run()
+    summary = ExperimentManager(small_config(tmp_path, "training.num_epochs=3"),
+                                resume="latest").run()
+    assert summary["steps"] == 6
+    assert "training.num_epochs: 2 -> 3" in (only_run(tmp_path) / "train.log").read_text()
+
+
+def test_nothing_to_resume(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no run of 't' with a checkpoint"):
+        ExperimentManager(small_config(tmp_path), resume="latest").run()
+
+
+def test_nan_steps_are_skipped_then_stop_with_a_clear_error(tmp_path: Path) -> None:
+    nan_at = {1, 2}
+
+    def poison(step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if step in nan_at else loss
+
+    summary = ExperimentManager(small_config(tmp_path / "a"), loss_hook=poison).run()
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 4
+    assert all(torch.isfinite(v).all() for v in
+               load_file(str(only_run(tmp_path / "a") / "final" / "model.safetensors")).values())
+
+    def always(step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("inf") if step >= 2 else loss
+
+    cfg = small_config(tmp_path / "b", "training.max_nonfinite_steps=2",
+                       "training.num_epochs=5")
+    with pytest.raises(TrainingDiverged, match="NaN/inf for 2 steps in a row"):
+        ExperimentManager(cfg, loss_hook=always).run()
+    run = only_run(tmp_path / "b")
+    # Checkpoints stop before the bad steps; none holds non-finite weights.
+    assert max(s for s, _ in step_checkpoints(run)) <= 3
+    for _, ckpt in step_checkpoints(run):
+        assert all(torch.isfinite(v).all()
+                   for v in load_file(str(ckpt / "model.safetensors")).values())
+
+
+def test_incomplete_checkpoints_are_never_latest(tmp_path: Path) -> None:
+    ExperimentManager(small_config(tmp_path), stop_after_steps=2).run()
+    run = only_run(tmp_path)
+    (run / "checkpoints" / ".tmp-step_3").mkdir()  # a write cut short
+    (run / "checkpoints" / ".tmp-step_3" / "model.safetensors").write_bytes(b"partial")
+    (run / "checkpoints" / "step_9").mkdir()  # no trainer state: not complete
+    assert latest_checkpoint(run).name == "step_2"
+    summary = ExperimentManager(small_config(tmp_path), resume=run).run()
+    assert summary["steps"] == 4
+    assert not (run / "checkpoints" / ".tmp-step_3").exists()  # cleaned up
+
+
+def test_early_stopping(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path, "training.num_epochs=20", "validation.every_n_steps=1",
+                       "training.early_stopping.enabled=true",
+                       "training.early_stopping.patience=1",
+                       "training.early_stopping.min_delta=1000")  # nothing counts as better
+    summary = ExperimentManager(cfg).run()
+    assert summary["stopped_by"] == "early stopping" and summary["steps"] == 2
+    assert (only_run(tmp_path) / "final" / "model.safetensors").exists()
+
+
+def test_ema_weights_are_saved_and_resumed(tmp_path: Path) -> None:
+    extra = ("training.ema.enabled=true", "training.ema.decay=0.5")
+    straight = ExperimentManager(small_config(tmp_path / "a", *extra)).run()
+    ExperimentManager(small_config(tmp_path / "b", *extra), stop_after_steps=3).run()
+    resumed = ExperimentManager(small_config(tmp_path / "b", *extra), resume="latest").run()
+    assert straight["model"] == resumed["model"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("device.device=cuda",), "no CUDA GPU is visible"),
+    (("device.device=tpu",), "needs torch_xla"),
+    (("device.device=auto", "device.mixed_precision=fp16"), "fp16 needs a CUDA GPU"),
+])
+def test_accelerator_config_errors(tmp_path: Path, extra: tuple, message: str) -> None:
+    if torch.cuda.is_available():
+        pytest.xfail("this machine has a GPU")
+    with pytest.raises(ConfigError, match=message):
+        build_accelerator(small_config(tmp_path, *extra))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_schedule_and_parameter_groups() -> None:
+    cfg = small_config(Path("unused")).training
+    cfg.scheduler.warmup_steps = 10
+    cfg.scheduler.min_lr_ratio = 0.1
+    factors = [lr_factor(s, cfg.scheduler, 110) for s in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    from gmmt.model.build import build_model
+
+    model = build_model(small_config(Path("unused")).model, 2)
+    decay, no_decay = build_optimizer(model, cfg.optimizer).param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.01
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+def run_cli(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "gmmt.run", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    end = time.time() + timeout
+    while not predicate():
+        if time.time() > end:
+            raise TimeoutError
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_after_checkpoint_then_resume(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path / "runs", "training.num_epochs=200")
+    cfg_file = cfg.save(tmp_path / "run.json")
+    proc = run_cli(["--config", str(cfg_file)], tmp_path)
+    wait_for(lambda: (tmp_path / "runs").exists() and any(
+        step_checkpoints(r) for r in (tmp_path / "runs").iterdir()))
+    proc.kill()
+    proc.wait()
+    run = only_run(tmp_path / "runs")
+    done = latest_checkpoint(run)
+    assert done is not None
+    resumed = run_cli(["--config", str(cfg_file), "--resume", "latest",
+                       "--set", "training.num_epochs=3"], tmp_path)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path / "runs", "training.num_epochs=500",
+                       "training.checkpointing.every_n_steps=0")
+    cfg_file = cfg.save(tmp_path / "run.json")
+    proc = run_cli(["--config", str(cfg_file)], tmp_path)
+    wait_for(lambda: (tmp_path / "runs").exists() and any(
+        (r / "metrics.jsonl").exists() and (r / "metrics.jsonl").stat().st_size > 0
+        for r in (tmp_path / "runs").iterdir()))
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "resume with --resume latest" in err
+    run = only_run(tmp_path / "runs")
+    step = int(latest_checkpoint(run).name.split("_")[1])
+    assert 1 <= step < 1000
+    assert "Traceback" not in err
