@@ -234,3 +234,65 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path: Path) -> None:
     step = int(latest_checkpoint(run).name.split("_")[1])
     assert 1 <= step < 1000
     assert "Traceback" not in err
+
+
+def test_flow_model_with_estimated_snr_trains(tmp_path: Path) -> None:
+    cfg = resolve_config("quick_test", model="tiny_flow", overrides=[
+        "device.device=cpu", f"paths.base_dir={tmp_path}", "training.num_epochs=1",
+        "training.steps_per_epoch=3", "training.batch_size=4", "training.scheduler.warmup_steps=0",
+        'data.sample_count_distribution={"type": "fixed", "value": 30}', "validation.num_sets=4",
+        "logging.wandb.enabled=false", "logging.progress_bar=false",
+        "model.transformer.flow.aux_loss_weight=0"]).config
+    assert ExperimentManager(cfg).run()["steps"] == 3
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_under_accelerate_launch(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path / "runs", "device.device=auto", "logging.wandb.enabled=true")
+    cfg_file = cfg.save(tmp_path / "run.json")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "offline"}
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run(
+        [str(accelerate), "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
+         "-m", "gmmt.run", "--config", str(cfg_file)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = only_run(tmp_path / "runs")  # one run folder, not one per process
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ranks_in_sync"] is True and summary["steps"] == 4
+    # Only rank 0 logs: one line per logged step, one validation line per validation.
+    assert [s for s, _ in logged(run, "train/loss")] == [1, 2, 3, 4]
+    assert [s for s, _ in logged(run, "val/mse")] == [2, 4]
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    assert {p.name for p in latest_checkpoint(run).iterdir()} >= {
+        "random_states_0.pkl", "random_states_1.pkl", "model.safetensors"}
+    # The schedule counts optimizer steps, not steps times processes.
+    lr = dict(logged(run, "train/lr"))
+    assert lr[1] == pytest.approx(cfg.training.optimizer.lr * lr_factor(
+        1, cfg.training.scheduler, cfg.training.total_steps))
+
+
+@pytest.mark.slow
+def test_quick_test_preset_end_to_end(tmp_path: Path) -> None:
+    """The README's first command: quick_test on CPU, wandb offline, in under 90 s."""
+    start = time.time()
+    proc = run_cli(["--preset", "quick_test", "--device", "cpu"], tmp_path)
+    out, err = proc.communicate(timeout=300)
+    elapsed = time.time() - start
+    assert proc.returncode == 0, err[-3000:]
+    assert elapsed < 90, f"quick_test took {elapsed:.0f} s"
+    run = only_run(tmp_path / "runs")
+    for name in ("config.json", "train.log", "metrics.jsonl", "summary.json",
+                 "best/model.safetensors", "final/model.safetensors", "final/config.json"):
+        assert (run / name).is_file(), name
+    assert step_checkpoints(run)
+    (wandb_run,) = (run / "wandb").glob("offline-run-*")
+    assert list(wandb_run.glob("run-*.wandb"))
+    summary = json.loads((run / "summary.json").read_text())
+    # Identity (x itself) scores mse_over_noise = 1 in expectation: the model must be well below.
+    assert summary["model"]["mse_over_noise"] < 0.5
+    assert '"preset": "quick_test"' in (run / "config.json").read_text()

@@ -257,7 +257,9 @@ class ExperimentManager:
                     pred, snr_estimate = model(batch.points, batch.mask, batch.snr_db,
                                                return_aux=True)
                     loss = compute_loss(tcfg.loss, pred, batch)
-                    if snr_estimate is not None and aux_weight > 0:
+                    # Always include the estimate (even at weight 0): the estimator would
+                    # otherwise get no gradient, and DDP rejects unused parameters.
+                    if snr_estimate is not None:
                         scale = flow.snr_scale_db
                         aux = ((snr_estimate.float() - batch.snr_db) / scale).square().mean()
                         loss = loss + aux_weight * aux
@@ -349,9 +351,21 @@ class ExperimentManager:
             export_model(self._eval_model(raw_model, ema), cfg, run_dir / "final",
                          {"step": state["step"]})
         summary.update(final)
+        if acc.num_processes > 1:
+            summary["ranks_in_sync"] = self._ranks_in_sync(acc, raw_model)
         summary["best"] = {"step": state["best_step"], "metric": tcfg.early_stopping.metric,
                            "value": state["best_metric"]}
         return summary
+
+    @staticmethod
+    def _ranks_in_sync(acc: Accelerator, raw_model: torch.nn.Module) -> bool:
+        """Whether every process ended with the same weights (a DDP sanity check)."""
+        fingerprint = torch.stack([p.detach().double().sum() for p in raw_model.parameters()])
+        everyone = acc.gather(fingerprint.unsqueeze(0))  # [processes, params]
+        in_sync = bool((everyone == everyone[0]).all())
+        if not in_sync:
+            log.warning("processes ended with different weights; the run is not trustworthy")
+        return in_sync
 
     # --- (6) validation, (7) tracking -------------------------------------------------------
 
