@@ -94,6 +94,7 @@ def test_every_problem_reported_at_once_with_paths() -> None:
     ("cluster_params", {"type": "uniform", "min": 1, "max": 4}),   # K >= 2
     ("cluster_params", {"type": "poisson", "rate": 3}),             # unbounded
     ("sample_count_distribution", {"type": "fixed", "value": 0}),   # N >= 1
+    ("cluster_params", {"type": "uniform", "min": 2.3, "max": 2.7}),  # no integer inside
 ])
 def test_data_rules(section: str, bad: dict) -> None:
     data = ExperimentConfig().to_dict()

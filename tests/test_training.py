@@ -211,7 +211,7 @@ def test_sigkill_after_checkpoint_then_resume(tmp_path: Path) -> None:
     assert done is not None
     resumed = run_cli(["--config", str(cfg_file), "--resume", "latest",
                        "--set", "training.num_epochs=3"], tmp_path)
-    out, err = resumed.communicate(timeout=300)
+    _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6
@@ -227,7 +227,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path: Path) -> None:
         (r / "metrics.jsonl").exists() and (r / "metrics.jsonl").stat().st_size > 0
         for r in (tmp_path / "runs").iterdir()))
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "resume with --resume latest" in err
     run = only_run(tmp_path / "runs")
@@ -281,7 +281,7 @@ def test_quick_test_preset_end_to_end(tmp_path: Path) -> None:
     """The README's first command: quick_test on CPU, wandb offline, in under 90 s."""
     start = time.time()
     proc = run_cli(["--preset", "quick_test", "--device", "cpu"], tmp_path)
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
     elapsed = time.time() - start
     assert proc.returncode == 0, err[-3000:]
     assert elapsed < 90, f"quick_test took {elapsed:.0f} s"
@@ -296,3 +296,46 @@ def test_quick_test_preset_end_to_end(tmp_path: Path) -> None:
     # Identity (x itself) scores mse_over_noise = 1 in expectation: the model must be well below.
     assert summary["model"]["mse_over_noise"] < 0.5
     assert '"preset": "quick_test"' in (run / "config.json").read_text()
+
+
+def test_wandb_offline_resumes_the_same_run_id(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = small_config(tmp_path, "logging.wandb.enabled=true")
+    ExperimentManager(cfg, stop_after_steps=2).run()
+    run = only_run(tmp_path)
+    run_id = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())["wandb_run_id"]
+    ExperimentManager(cfg, resume="latest").run()
+    offline_runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2  # one per invocation, both inside the run folder
+    assert all(p.name.endswith(f"-{run_id}") for p in offline_runs)
+    assert not (tmp_path / "wandb").exists() and not Path("wandb").exists()
+
+
+def test_missing_tensorboard_is_a_config_error(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="tensorboard package"):
+            ExperimentManager(small_config(tmp_path, "logging.tensorboard=true")).run()
+        assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run folder made
+    else:
+        ExperimentManager(small_config(tmp_path, "logging.tensorboard=true")).run()
+        assert list(only_run(tmp_path).glob("tensorboard/events.*"))
+
+
+def test_launch_configs_are_valid_accelerate_configs() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for path in sorted((REPO / "launch").glob("*.yaml")):
+        config = load_config_from_file(str(path))
+        kinds[path.stem] = (config.distributed_type.value, config.num_processes)
+    assert kinds["cpu_2proc"] == ("MULTI_GPU", 2)
+    assert kinds["single_gpu"][0] == "NO" and kinds["multi_gpu"][0] == "MULTI_GPU"
+    assert kinds["fsdp"][0] == "FSDP" and kinds["tpu"][0] == "XLA"
+    assert kinds["multi_node"][0] == "MULTI_GPU"
+    script = (REPO / "launch" / "slurm_multinode.sbatch").read_text()
+    assert "accelerate launch" in script and "--resume latest" in script
+    subprocess.run(["bash", "-n", str(REPO / "launch" / "slurm_multinode.sbatch")], check=True)

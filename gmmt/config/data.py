@@ -118,6 +118,8 @@ class DataConfig:
                             f"use a type with min"))
             if math.isinf(hi):
                 out.append((name, "is unbounded; use a type with max (e.g. truncated_poisson)"))
+            elif math.ceil(lo) > math.floor(hi):
+                out.append((name, f"holds no integer between {lo:g} and {hi:g}"))
         return out
 
     @property

@@ -8,6 +8,7 @@ function of (seed, stream, rank, step), so a resumed run needs no loader state.
 import copy
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from gmmt.training.checkpoint import (
 )
 from gmmt.training.losses import compute_loss
 from gmmt.training.optim import WeightEMA, build_optimizer, build_scheduler
-from gmmt.training.tracking import Trackers, setup_logging
+from gmmt.training.tracking import Trackers, setup_logging, tracker_problems
 
 log = logging.getLogger("gmmt")
 
@@ -74,6 +75,11 @@ def build_accelerator(config: ExperimentConfig) -> Accelerator:
         torch.cuda.set_device(config.device.gpu_id)
     if config.device.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher and launcher != precision:
+        log.warning("the launcher asked for mixed precision %r; the config's "
+                    "device.mixed_precision=%r is used (set it with --set "
+                    "device.mixed_precision=%s)", launcher, precision, launcher)
     return Accelerator(cpu=(device == "cpu"), mixed_precision=precision)
 
 
@@ -167,6 +173,9 @@ class ExperimentManager:
 
     def run(self) -> dict[str, Any]:
         cfg = self.config
+        problems = tracker_problems(cfg)
+        if problems:
+            raise ConfigError(problems, "cannot log as configured")
         acc = build_accelerator(cfg)
         run_dir, checkpoint = self._run_dir(acc)
         self.run_dir = run_dir

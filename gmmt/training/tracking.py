@@ -18,6 +18,18 @@ from gmmt.config.experiment import ExperimentConfig
 log = logging.getLogger("gmmt")
 
 
+def tracker_problems(config: ExperimentConfig) -> list[str]:
+    """Configured trackers whose packages are missing (checked before a run folder exists)."""
+    problems = []
+    if config.logging.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            problems.append("logging.tensorboard needs the tensorboard package (pip install "
+                            "tensorboard), or set it to false @ $.logging.tensorboard")
+    return problems
+
+
 class Trackers:
     """Fan-out of scalar metrics (and images) to every configured sink."""
 
