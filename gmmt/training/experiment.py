@@ -393,8 +393,8 @@ class ExperimentManager:
         """Validate, log, keep best/; returns True when early stopping says stop (or, with
         ``final``, the summary sections)."""
         eval_model = self._eval_model(raw_model, ema)
-        sums = validation_sums(eval_model, bank, cfg.validation)
-        keys = metric_keys(cfg.validation)
+        sums = validation_sums(eval_model, bank, cfg.validation, cfg.data, cfg.device.seed)
+        keys = metric_keys(cfg.validation, cfg.data)
         vector = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64,
                                               device=acc.device) for k in keys])
         vector = acc.reduce(vector, "sum")
