@@ -25,6 +25,7 @@ from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.fields import ConfigError
 from gmmt.config.overrides import diff, format_diff
 from gmmt.data.gmm import GMMSampler, validation_bank
+from gmmt.evaluation.report import draw_plots, flatten_sections
 from gmmt.evaluation.validate import averages, metric_keys, validation_sums
 from gmmt.model.build import build_model, count_parameters
 from gmmt.training.checkpoint import (
@@ -357,8 +358,13 @@ class ExperimentManager:
                                          run_dir, state["step"], final=True)
         self._checkpoint(acc, run_dir, state, raw_model)
         if main:
-            export_model(self._eval_model(raw_model, ema), cfg, run_dir / "final",
-                         {"step": state["step"]})
+            eval_model = self._eval_model(raw_model, ema)
+            export_model(eval_model, cfg, run_dir / "final", {"step": state["step"]})
+            if cfg.validation.visualization.enabled:  # after the results are safely saved
+                images = draw_plots(cfg.validation, run_dir / "plots", eval_model, bank[0],
+                                    flatten_sections(final), run_dir / "metrics.jsonl",
+                                    cfg.device.seed)
+                trackers.log_images(images, state["step"])
         summary.update(final)
         if acc.num_processes > 1:
             summary["ranks_in_sync"] = self._ranks_in_sync(acc, raw_model)

@@ -1,0 +1,132 @@
+"""gmmt.evaluate on a tiny trained run, and the trainer's plots of that run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmmt.config.experiment import ExperimentConfig
+from gmmt.config.presets import resolve_config
+from gmmt.data.gmm import validation_bank
+from gmmt.evaluate import ALL_BASELINES, evaluate, evaluation_config, main
+from gmmt.training.experiment import ExperimentManager
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_config(base_dir: Path) -> ExperimentConfig:
+    """quick_test shrunk to seconds (4 steps of 4 sets of 40 points), with every plot on."""
+    return resolve_config("quick_test", overrides=[
+        "device.device=cpu", f"paths.base_dir={base_dir}", "metadata.exp_name=t",
+        "training.num_epochs=2", "training.steps_per_epoch=2", "training.batch_size=4",
+        "training.scheduler.warmup_steps=1",
+        'data.sample_count_distribution={"type": "fixed", "value": 40}',
+        "validation.num_sets=8", "validation.batch_size=4", "validation.every_n_steps=2",
+        'validation.baselines=["identity", "oracle", "kmeans"]',
+        "validation.breakdown.by_snr=true", "validation.breakdown.snr_bins=2",
+        'validation.visualization={"enabled": true, "baseline": "kmeans", "num_examples": 3, '
+        '"plots": ["sample_grid", "training_curves", "error_vs_snr"]}',
+        "logging.log_every_n_steps=1", "logging.wandb.enabled=false",
+        "logging.progress_bar=false"]).config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("runs")
+    ExperimentManager(tiny_config(base)).run()
+    (run,) = [p for p in base.iterdir() if p.is_dir()]
+    return run
+
+
+def is_png(path: Path) -> bool:
+    raw = path.read_bytes()
+    return raw[:8] == PNG_SIGNATURE and len(raw) > 10_000
+
+
+def test_trainer_draws_the_configured_plots(run_dir: Path) -> None:
+    names = sorted(p.name for p in (run_dir / "plots").iterdir())
+    assert names == ["error_vs_snr.png", "sample_grid.png", "training_curves.png"]
+    assert all(is_png(run_dir / "plots" / n) for n in names)
+
+
+def test_evaluate_prints_the_table_and_writes_every_result(
+        run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(run_dir), "--num-sets", "12", "--batch-size", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[4]
+    for column in ("MSE", "MSE/σ²", "ARI", "NMI", "gap closed"):
+        assert column in header
+    for row in ("model", *ALL_BASELINES):
+        assert f"| {row} |" in out
+    assert "### MSE/σ² by SNR" in out and "### MSE/σ² by K" in out
+
+    folder = run_dir / "evaluation" / "training_data"
+    result = json.loads((folder / "evaluation.json").read_text())
+    assert set(result["baselines"]) == set(ALL_BASELINES)
+    for metrics in (result["model"], *result["baselines"].values()):
+        assert metrics["mse"] > 0 and metrics["mse_over_noise"] > 0
+    assert 0 <= result["baselines"]["oracle"]["mse"] <= result["baselines"]["identity"]["mse"]
+    assert "gap_closed" in result["model"]
+    assert any(k.startswith("by_snr.") for k in result["model"])
+    assert any(k.startswith("by_k.") for k in result["model"])
+    assert result["stream"] == "evaluation" and result["num_sets"] == 12
+    assert (folder / "evaluation.md").read_text() == out
+    assert result["plots"] == ["error_vs_snr.png", "sample_grid.png", "training_curves.png"]
+    assert all(is_png(folder / name) for name in result["plots"])
+
+
+def test_evaluate_json_on_a_data_preset_from_best(
+        run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [str(run_dir / "best"), "--data-preset", "simple_snr15", "--num-sets", "4",
+            "--baselines", "oracle", "kmeans", "--json", "--seed", "5", "--device", "cpu"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["baselines"]) == {"oracle", "kmeans"}
+    assert "gap_closed" not in result["model"]  # needs EM
+    assert result["data_preset"] == "simple_snr15" and result["seed"] == 5
+    assert result["data"]["snr_db_params"] == {**result["data"]["snr_db_params"],
+                                               "type": "fixed", "value": 15.0}
+    assert (run_dir / "evaluation" / "simple_snr15-best" / "evaluation.json").is_file()
+
+
+def test_the_bank_is_not_the_validation_bank(run_dir: Path) -> None:
+    saved = ExperimentConfig.load(run_dir / "config.json")
+    config = evaluation_config(saved, 4, 4, ["identity"])
+
+    class Identity(torch.nn.Module):
+        def forward(self, points, mask=None, snr_db=None):
+            return points
+
+    metrics, first = evaluate(Identity(), saved.data, config, saved.device.seed,
+                              torch.device("cpu"), progress=False)
+    validation = validation_bank(saved.data, saved.device.seed, 4, 4)[0]
+    assert first.points.shape == validation.points.shape
+    assert not torch.equal(first.points, validation.points)
+    assert metrics["mse"] == pytest.approx(metrics["baselines.identity.mse"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/nowhere"], "does not exist"),
+    (["{tmp}"], "holds no saved model"),
+    (["{tmp}/unfinished"], "has no final/ model (the run has not finished)"),
+    (["{run}", "--data-preset", "simpel"], "unknown data preset 'simpel' (did you mean "
+                                          "'simple'?)"),
+    (["{run}", "--num-sets", "0"], "--num-sets and --batch-size must be >= 1"),
+])
+def test_mistakes_exit_2_with_a_message(run_dir: Path, tmp_path: Path, args: list[str],
+                                        message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
+    argv = [a.format(tmp=tmp_path, run=run_dir) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_command_line_bad_path_has_no_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "gmmt.evaluate", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
