@@ -36,7 +36,7 @@ from gmmt.config.validation import (
 )
 from gmmt.data.batch import GMMBatch
 from gmmt.data.gmm import GMMSampler, derive_seed
-from gmmt.evaluation.report import draw_plots, flatten_sections
+from gmmt.evaluation.report import draw_plots, flatten_sections, sections
 from gmmt.evaluation.validate import averages, metric_keys, validation_sums
 from gmmt.training.checkpoint import CONFIG_FILE, MODEL_FILE, load_model, write_json_atomic
 
@@ -181,18 +181,6 @@ def evaluate(model: torch.nn.Module, data: DataConfig, config: ValidationConfig,
     return averages(totals), first
 
 
-def sections(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Split flat metrics into the model's (incl. breakdowns) and each baseline's overall ones,
-    as in a run's summary.json."""
-    model = {k: v for k, v in metrics.items() if not k.startswith("baselines.")}
-    baselines: dict[str, dict[str, float]] = {}
-    for k, v in metrics.items():
-        if k.startswith("baselines."):
-            _, name, metric = k.split(".", 2)
-            baselines.setdefault(name, {})[metric] = v
-    return model, baselines
-
-
 # --- report --------------------------------------------------------------------------------
 
 
@@ -298,12 +286,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     jsonl = run_dir / "metrics.jsonl"
     plots = draw_plots(config, out, model, first, metrics,
                        jsonl if jsonl.is_file() else None, seed)
-    model_part, baseline_part = sections(metrics)
     result = {
         "model_path": str(folder), "data_preset": label, "data": unstructure(data),
         "num_sets": args.num_sets, "batch_size": args.batch_size, "seed": seed,
         "stream": EVALUATION_STREAM, "device": str(device),
-        "model": model_part, "baselines": baseline_part,
+        **sections(metrics),
         "plots": sorted(p.name for p in plots.values()),
     }
     write_json_atomic(out / "evaluation.json", result)

@@ -70,8 +70,12 @@ def test_evaluate_prints_the_table_and_writes_every_result(
         assert metrics["mse"] > 0 and metrics["mse_over_noise"] > 0
     assert 0 <= result["baselines"]["oracle"]["mse"] <= result["baselines"]["identity"]["mse"]
     assert "gap_closed" in result["model"]
-    assert any(k.startswith("by_snr.") for k in result["model"])
-    assert any(k.startswith("by_k.") for k in result["model"])
+    # Breakdowns have their own sections, each split into model and baselines.
+    assert not any(k.startswith(("by_snr.", "by_k.")) for k in result["model"])
+    for kind in ("by_snr", "by_k"):
+        groups = result[kind]
+        assert groups and all(set(g) == {"model", "baselines"} for g in groups.values())
+        assert all(set(g["baselines"]) == set(ALL_BASELINES) for g in groups.values())
     assert result["stream"] == "evaluation" and result["num_sets"] == 12
     assert (folder / "evaluation.md").read_text() == out
     assert result["plots"] == ["error_vs_snr.png", "sample_grid.png", "training_curves.png"]

@@ -1,5 +1,6 @@
 """The trainer on CPU: run folder, exact resume, crash safety, NaN guard, trackers."""
 
+import itertools
 import json
 import os
 import signal
@@ -82,10 +83,10 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
 
 def test_resume_locks_model_and_data_but_allows_epochs(tmp_path: Path) -> None:
     ExperimentManager(small_config(tmp_path), stop_after_steps=2).run()
-    with pytest.raises(ConfigError, match="model.transformer.hidden_dim is locked on resume"):
+    with pytest.raises(ConfigError, match=r"model\.transformer\.hidden_dim is locked on resume"):
         ExperimentManager(small_config(tmp_path, "model.transformer.hidden_dim=64"),
                           resume="latest").run()
-    with pytest.raises(ConfigError, match="device.seed is locked"):
+    with pytest.raises(ConfigError, match=r"device\.seed is locked"):
         ExperimentManager(small_config(tmp_path, "device.seed=1"), resume="latest").run()
     summary = ExperimentManager(small_config(tmp_path, "training.num_epochs=3"),
                                 resume="latest").run()
@@ -174,7 +175,7 @@ def test_schedule_and_parameter_groups() -> None:
     factors = [lr_factor(s, cfg.scheduler, 110) for s in range(110)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1, abs=1e-3)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
     from gmmt.model.build import build_model
 
     model = build_model(small_config(Path("unused")).model, 2)
@@ -306,8 +307,10 @@ def test_wandb_offline_resumes_the_same_run_id(tmp_path: Path,
     run = only_run(tmp_path)
     run_id = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())["wandb_run_id"]
     ExperimentManager(cfg, resume="latest").run()
+    # One folder per invocation (named by the second it started: two fast invocations may
+    # share one), all inside the run folder and all with the run's id.
     offline_runs = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 2  # one per invocation, both inside the run folder
+    assert 1 <= len(offline_runs) <= 2
     assert all(p.name.endswith(f"-{run_id}") for p in offline_runs)
     assert not (tmp_path / "wandb").exists() and not Path("wandb").exists()
 

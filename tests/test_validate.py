@@ -137,3 +137,24 @@ def test_empty_groups_are_left_out_of_the_averages(bank: list) -> None:
     means = averages(sums)
     assert "by_snr.2_7.mse" not in means and "by_k.6.mse" not in means
     assert "by_snr.12_17.mse" in means and not math.isnan(means["by_k.2.mse"])
+
+
+def test_baseline_cache_gives_identical_sums_without_recomputing(monkeypatch) -> None:
+    import gmmt.evaluation.validate as validate
+    from gmmt.config.presets import resolve_config
+    from gmmt.model.build import build_model
+
+    cfg = resolve_config("quick_test", validation="comprehensive", overrides=[
+        'data.sample_count_distribution={"type": "fixed", "value": 40}']).config
+    bank = validation_bank(cfg.data, 0, 8, 4)
+    model = build_model(cfg.model, cfg.data.dim)
+    fresh = validate.validation_sums(model, bank, cfg.validation, cfg.data, 0)
+    cache: dict = {}
+    first = validate.validation_sums(model, bank, cfg.validation, cfg.data, 0, cache)
+    calls = []
+    monkeypatch.setattr(validate, "run_baseline", lambda *a, **k: calls.append(a))
+    second = validate.validation_sums(model, bank, cfg.validation, cfg.data, 0, cache)
+    assert not calls  # every baseline came from the cache
+    assert len(cache) == len(bank) * len(cfg.validation.baselines)
+    for key in fresh:
+        assert torch.equal(fresh[key], first[key]) and torch.equal(first[key], second[key])

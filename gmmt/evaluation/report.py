@@ -47,12 +47,70 @@ def grid_predictions(model: nn.Module, batch: GMMBatch, config: ValidationConfig
     return out
 
 
-def flatten_sections(sections: Mapping[str, Any]) -> dict[str, float]:
-    """``{"model": {...}, "baselines": {name: {...}}}`` (summary.json) back to flat validation
-    keys (``mse``, ``by_snr.<bin>.mse``, ``baselines.<name>.mse``, ...)."""
-    flat = dict(sections.get("model", {}))
-    for name, values in sections.get("baselines", {}).items():
-        flat.update({f"baselines.{name}.{metric}": v for metric, v in values.items()})
+BREAKDOWNS = ("by_snr", "by_k")
+
+
+def _split_group(metrics: Mapping[str, float]) -> dict[str, Any]:
+    """Flat keys of one group -> ``{"model": {...}, "baselines": {name: {...}}}``."""
+    model: dict[str, float] = {}
+    baselines: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith("baselines."):
+            _, name, metric = key.split(".", 2)
+            baselines.setdefault(name, {})[metric] = value
+        else:
+            model[key] = value
+    return {"model": model, "baselines": baselines}
+
+
+def sections(metrics: Mapping[str, float]) -> dict[str, Any]:
+    """Flat validation metrics -> the summary.json layout::
+
+        {"model": {...}, "baselines": {name: {...}},
+         "by_snr": {"<lo>_<hi>": {"model": {...}, "baselines": {...}}}, "by_k": {...}}
+
+    (breakdown sections only when present). :func:`flatten_sections` inverts it.
+    """
+    overall: dict[str, float] = {}
+    groups: dict[str, dict[str, dict[str, float]]] = {}
+    for key, value in metrics.items():
+        kind = key.split(".", 1)[0]
+        if kind in BREAKDOWNS:
+            # Bin labels may contain dots ("5.8_8.6"): the label ends where the metric begins.
+            rest = key[len(kind) + 1:]
+            label, metric = _split_breakdown_key(rest)
+            groups.setdefault(kind, {}).setdefault(label, {})[metric] = value
+        else:
+            overall[key] = value
+    out = _split_group(overall)
+    for kind, labelled in groups.items():
+        out[kind] = {label: _split_group(flat) for label, flat in labelled.items()}
+    return out
+
+
+def _split_breakdown_key(rest: str) -> tuple[str, str]:
+    """``"5.8_8.6.baselines.em.mse"`` -> (``"5.8_8.6"``, ``"baselines.em.mse"``)."""
+    if ".baselines." in rest:
+        label, _, tail = rest.partition(".baselines.")
+        return label, "baselines." + tail
+    label, _, metric = rest.rpartition(".")
+    return label, metric
+
+
+def flatten_sections(sections_: Mapping[str, Any]) -> dict[str, float]:
+    """The summary.json layout of :func:`sections` back to flat validation keys (``mse``,
+    ``by_snr.<bin>.mse``, ``baselines.<name>.mse``, ...)."""
+
+    def flat_group(group: Mapping[str, Any], prefix: str) -> dict[str, float]:
+        out = {prefix + k: v for k, v in group.get("model", {}).items()}
+        for name, values in group.get("baselines", {}).items():
+            out.update({f"{prefix}baselines.{name}.{m}": v for m, v in values.items()})
+        return out
+
+    flat = flat_group(sections_, "")
+    for kind in BREAKDOWNS:
+        for label, group in sections_.get(kind, {}).items():
+            flat.update(flat_group(group, f"{kind}.{label}."))
     return flat
 
 

@@ -25,7 +25,7 @@ from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.fields import ConfigError
 from gmmt.config.overrides import diff, format_diff
 from gmmt.data.gmm import GMMSampler, validation_bank
-from gmmt.evaluation.report import draw_plots, flatten_sections
+from gmmt.evaluation.report import draw_plots, flatten_sections, sections
 from gmmt.evaluation.validate import averages, metric_keys, validation_sums
 from gmmt.model.build import build_model, count_parameters
 from gmmt.training.checkpoint import (
@@ -134,6 +134,7 @@ class ExperimentManager:
         self.stop_after_steps = stop_after_steps
         self.loss_hook = loss_hook
         self._stop_signal: str | None = None
+        self._baseline_cache: dict = {}
 
     # --- (1) run folder ---------------------------------------------------------------------
 
@@ -324,10 +325,9 @@ class ExperimentManager:
                 window_points, window_steps, window_start = 0, 0, time.time()
 
             every = cfg.validation.every_n_steps
-            if (every and step % every == 0) and step != total:
-                if self._validate_and_track(acc, cfg, raw_model, ema, bank, trackers, state,
-                                            run_dir, step):
-                    stopped_by = "early stopping"
+            if every and step % every == 0 and step != total and self._validate_and_track(
+                    acc, cfg, raw_model, ema, bank, trackers, state, run_dir, step):
+                stopped_by = "early stopping"
             ckpt_every = tcfg.checkpointing.every_n_steps
             if ckpt_every and step % ckpt_every == 0 and step != total:
                 self._checkpoint(acc, run_dir, state, raw_model)
@@ -399,7 +399,9 @@ class ExperimentManager:
         """Validate, log, keep best/; returns True when early stopping says stop (or, with
         ``final``, the summary sections)."""
         eval_model = self._eval_model(raw_model, ema)
-        sums = validation_sums(eval_model, bank, cfg.validation, cfg.data, cfg.device.seed)
+        # Baselines do not depend on the model: score them once on the fixed bank.
+        sums = validation_sums(eval_model, bank, cfg.validation, cfg.data, cfg.device.seed,
+                               self._baseline_cache)
         keys = metric_keys(cfg.validation, cfg.data)
         vector = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64,
                                               device=acc.device) for k in keys])
@@ -422,13 +424,7 @@ class ExperimentManager:
         else:
             state["evals_without_improvement"] += 1
         if final:
-            model_part = {k: v for k, v in metrics.items() if not k.startswith("baselines.")}
-            baselines: dict[str, dict[str, float]] = {}
-            for k, v in metrics.items():
-                if k.startswith("baselines."):
-                    _, name, metric = k.split(".", 2)
-                    baselines.setdefault(name, {})[metric] = v
-            return {"model": model_part, "baselines": baselines}
+            return sections(metrics)
         return es.enabled and state["evals_without_improvement"] >= es.patience
 
     # --- (8) checkpoints --------------------------------------------------------------------

@@ -11,7 +11,6 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from gmmt.config.experiment import ExperimentConfig
 
