@@ -71,13 +71,17 @@ def finish_checkpoint(run_dir: Path, step: int, trainer_state: dict, keep_last: 
 
 
 def export_model(model: nn.Module, config: ExperimentConfig, folder: Path,
-                 extra: dict | None = None) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (+ ``info.json``) atomically."""
+                 extra: dict | None = None, state_dict: dict | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (+ ``info.json``) atomically.
+
+    ``state_dict`` replaces ``model.state_dict()`` when given (a gathered FSDP state dict).
+    """
     tmp = folder.with_name(f".tmp-{folder.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    source = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
     save_file(state, str(tmp / MODEL_FILE))
     config.save(tmp / CONFIG_FILE)
     if extra:
