@@ -1,0 +1,99 @@
+"""Quality of the CPU-trainable reference model against oracle / EM / k-means / identity.
+
+Trains the ``cpu_reference`` experiment preset (or takes a finished run with ``--run``), then
+scores its final model with ``gmmt.evaluate`` on held-out sets of its own data preset (a data
+stream never used in training or validation), overall and per SNR bin and per K.
+
+The question it answers: does the model, which is not told K, beat EM given the true K
+(``gap_closed > 0``), and how far is it from the Bayes-optimal oracle?
+
+Usage: ``python benchmarks/bench_quality.py [--run RUN_DIR] [--num-sets 2048] [--json]``
+"""
+
+import argparse
+import io
+import json
+import os
+import platform
+import time
+from contextlib import redirect_stdout
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from gmmt.config.presets import resolve_config
+from gmmt.evaluate import main as evaluate_main
+from gmmt.training.experiment import ExperimentManager
+
+METHODS = ("model", "oracle", "em", "kmeans", "identity")
+
+
+def train(base_dir: Path) -> tuple[Path, float]:
+    config = resolve_config("cpu_reference", overrides=[f"paths.base_dir={base_dir}",
+                                                        "logging.progress_bar=false"]).config
+    start = time.time()
+    summary = ExperimentManager(config).run()
+    return Path(summary["run_dir"]), time.time() - start
+
+
+def evaluate(run_dir: Path, num_sets: int) -> dict:
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        code = evaluate_main([str(run_dir), "--num-sets", str(num_sets), "--json",
+                              "--device", "cpu"])
+    if code != 0:
+        raise SystemExit(f"gmmt.evaluate failed with exit code {code}")
+    return json.loads(buffer.getvalue())
+
+
+def method_row(group: dict, name: str) -> dict:
+    return group["model"] if name == "model" else group["baselines"].get(name, {})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, help="a finished cpu_reference run to score")
+    parser.add_argument("--base-dir", type=Path, default=Path("runs"),
+                        help="where a new training run goes (default: runs/)")
+    parser.add_argument("--num-sets", type=int, default=2048, help="held-out sets")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    train_s = None
+    run_dir = args.run
+    if run_dir is None:
+        run_dir, train_s = train(args.base_dir)
+    result = evaluate(run_dir, args.num_sets)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    report = {
+        "benchmark": "quality", "date": date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "run_dir": str(run_dir), "train_wall_s": None if train_s is None else round(train_s),
+        "train_steps": summary["steps"], "parameters": summary["parameters"],
+        "held_out_sets": args.num_sets,
+        "overall": {m: method_row(result, m) for m in METHODS},
+        "gap_closed": result["model"].get("gap_closed"),
+        "by_snr": {label: {m: method_row(g, m).get("mse_over_noise") for m in METHODS}
+                   | {"gap_closed": g["model"].get("gap_closed")}
+                   for label, g in result.get("by_snr", {}).items()},
+        "by_k": {label: {m: method_row(g, m).get("mse_over_noise") for m in METHODS}
+                 | {"gap_closed": g["model"].get("gap_closed")}
+                 for label, g in result.get("by_k", {}).items()},
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"run: {run_dir} ({report['train_steps']} steps, {report['train_wall_s']} s)")
+    print("| method | MSE | MSE/σ² | ARI |")
+    print("|---|---|---|---|")
+    for m in METHODS:
+        row = report["overall"][m]
+        nan = float("nan")
+        print(f"| {m} | {row.get('mse', nan):.5f} | {row.get('mse_over_noise', nan):.4f} | "
+              f"{row.get('ari', nan):.4f} |")
+    print(f"gap_closed: {report['gap_closed']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
