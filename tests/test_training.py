@@ -342,3 +342,12 @@ def test_launch_configs_are_valid_accelerate_configs() -> None:
     script = (REPO / "launch" / "slurm_multinode.sbatch").read_text()
     assert "accelerate launch" in script and "--resume latest" in script
     subprocess.run(["bash", "-n", str(REPO / "launch" / "slurm_multinode.sbatch")], check=True)
+
+
+def test_ragged_sets_train(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path, "data.ragged=true",
+                       'data.sample_count_distribution={"type": "uniform", "min": 20, "max": 40}')
+    summary = ExperimentManager(cfg).run()
+    assert summary["steps"] == 4 and 0 < summary["model"]["mse"] < float("inf")
+    rates = [r for _, r in logged(only_run(tmp_path), "train/points_per_s")]
+    assert len(rates) == 4 and all(r > 0 for r in rates)
