@@ -17,8 +17,6 @@ Usage: ``python benchmarks/bench_data.py [--json] [--presets simple standard] [-
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +25,7 @@ from datetime import date
 import attrs
 import torch
 import torch.nn.functional as F
+from common import machine
 
 from gmmt.config.data import DistributionSpec
 from gmmt.config.presets import resolve_config
@@ -89,18 +88,6 @@ def step_ratio(experiment: str, sampler: GMMSampler, step_batch: int, steps: int
             "gen_to_step_ratio": gen_s / step_s}
 
 
-def _machine() -> str:
-    """CPU model and core count (``platform.processor()`` is empty on Linux)."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} logical cores"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -133,7 +120,7 @@ def main() -> None:
                   f"{entry['model']} step {entry['step_s']:8.3f} s on {step_batch}x"
                   f"{entry['step_points']} points, gen {entry['gen_s'] * 1e3:7.2f} ms, "
                   f"ratio {entry['gen_to_step_ratio']:.4%}", flush=True)
-    report = {"machine": _machine(),
+    report = {"machine": machine(),
               "torch": torch.__version__, "threads": args.threads, "device": "cpu",
               "date": date.today().isoformat(), "presets": results}
     if args.json:

@@ -20,7 +20,6 @@ Usage: ``python benchmarks/bench_em.py [--json] [--sets 512] [--points 200] [--t
 import argparse
 import json
 import os
-import platform
 import time
 import warnings
 from contextlib import nullcontext
@@ -31,6 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy / sklearn load (fa
 import numpy as np
 import sklearn
 import torch
+from common import machine
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
@@ -45,18 +45,6 @@ try:
     from threadpoolctl import threadpool_limits
 except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
     threadpool_limits = None
-
-
-def _machine() -> str:
-    """CPU model and core count (``platform.processor()`` is empty on Linux)."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} logical cores"
 
 
 def _sync(device: torch.device) -> None:
@@ -139,7 +127,7 @@ def main() -> None:
         "mse_sklearn": float(centre_mse_per_set(torch.from_numpy(pred_sklearn), target).mean()),
         "mse_oracle": float(centre_mse_per_set(oracle.centres, target).mean()),
         "torch_threads": args.threads, "sklearn_threads": 1, "device": str(device),
-        "machine": _machine() if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "machine": machine() if device.type == "cpu" else torch.cuda.get_device_name(device),
         "torch": torch.__version__, "sklearn": sklearn.__version__,
         "threadpoolctl": threadpool_limits is not None, "date": date.today().isoformat(),
     }

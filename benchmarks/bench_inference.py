@@ -19,7 +19,6 @@ Usage: ``python benchmarks/bench_inference.py RUN_DIR [--sets 512] [--points 300
 import argparse
 import json
 import os
-import platform
 import time
 import warnings
 from collections.abc import Callable
@@ -31,6 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # sklearn's BLAS (before numpy lo
 
 import numpy as np
 import torch
+from common import machine
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
@@ -126,7 +126,7 @@ def main() -> None:
     for row in rows.values():
         row["speedup_vs_sklearn"] = round(rows["em_sklearn"]["seconds"] / row["seconds"], 2)
     report = {"benchmark": "inference", "date": date.today().isoformat(),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "machine": machine(),
               "torch": torch.__version__, "threads": args.threads, "run": str(args.run),
               "sets": args.sets, "points": args.points, "n_init": n_init, "methods": rows}
     if args.json:

@@ -13,14 +13,13 @@ Usage: ``python benchmarks/bench_quality.py [--run RUN_DIR] [--num-sets 2048] [-
 import argparse
 import io
 import json
-import os
-import platform
 import time
 from contextlib import redirect_stdout
 from datetime import date
 from pathlib import Path
 
 import torch
+from common import machine
 
 from gmmt import load_model
 from gmmt.config.experiment import ExperimentConfig
@@ -88,7 +87,7 @@ def main() -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     report = {
         "benchmark": "quality", "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "run_dir": str(run_dir), "train_wall_s": None if train_s is None else round(train_s),
         "train_steps": summary["steps"], "parameters": summary["parameters"],

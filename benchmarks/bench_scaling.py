@@ -13,11 +13,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from datetime import date
+
+from common import machine
 
 CHILD = r"""
 import json, resource, sys, time
@@ -89,7 +90,7 @@ def main() -> None:
                                                                           "2")))
     args = parser.parse_args()
     report = {"benchmark": "scaling", "date": date.today().isoformat(),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "machine": machine(),
               "model": args.model, "batch": args.batch, "threads": args.threads,
               "attention": {}}
     for attention in ("softmax", "random_feature"):

@@ -18,7 +18,6 @@ Usage: ``python benchmarks/bench_train.py [--json] [--cases tiny small] [--threa
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from common import machine
 
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.presets import resolve_config
@@ -141,7 +141,7 @@ def main() -> None:
                            "plain": [round(r) for r in plain_rates]},
             })
     report = {"benchmark": "train", "date": date.today().isoformat(),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "machine": machine(),
               "torch": torch.__version__, "threads": args.threads,
               "matmul_peak_gflops_per_s": round(peak / 1e9, 2), "results": results}
     if args.json:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import small_config
 
 from gmmt.config.experiment import ExperimentConfig
-from gmmt.config.presets import resolve_config
 from gmmt.data.gmm import validation_bank
 from gmmt.evaluate import ALL_BASELINES, evaluate, evaluation_config, main
 from gmmt.training.experiment import ExperimentManager
@@ -18,19 +18,13 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_config(base_dir: Path) -> ExperimentConfig:
-    """quick_test shrunk to seconds (4 steps of 4 sets of 40 points), with every plot on."""
-    return resolve_config("quick_test", overrides=[
-        "device.device=cpu", f"paths.base_dir={base_dir}", "metadata.exp_name=t",
-        "training.num_epochs=2", "training.steps_per_epoch=2", "training.batch_size=4",
-        "training.scheduler.warmup_steps=1",
-        'data.sample_count_distribution={"type": "fixed", "value": 40}',
-        "validation.num_sets=8", "validation.batch_size=4", "validation.every_n_steps=2",
-        'validation.baselines=["identity", "oracle", "kmeans"]',
+    """The shared shrunk quick_test with three baselines, an SNR breakdown and every plot."""
+    return small_config(
+        base_dir, 'validation.baselines=["identity", "oracle", "kmeans"]',
         "validation.breakdown.by_snr=true", "validation.breakdown.snr_bins=2",
         'validation.visualization={"enabled": true, "baseline": "kmeans", "num_examples": 3, '
         '"plots": ["sample_grid", "training_curves", "error_vs_snr"]}',
-        "logging.log_every_n_steps=1", "logging.wandb.enabled=false",
-        "logging.progress_bar=false"]).config
+        "logging.log_every_n_steps=1")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,16 +24,10 @@ from gmmt.training.optim import build_optimizer, lr_factor
 
 
 def small_config(base_dir: Path, *extra: str) -> ExperimentConfig:
-    """quick_test shrunk to seconds: 4 steps of 4 sets of 40 points, checkpoint every step."""
-    return resolve_config("quick_test", overrides=[
-        "device.device=cpu", f"paths.base_dir={base_dir}", "metadata.exp_name=t",
-        "training.num_epochs=2", "training.steps_per_epoch=2", "training.batch_size=4",
-        "training.scheduler.warmup_steps=1",
-        'data.sample_count_distribution={"type": "fixed", "value": 40}',
-        "validation.num_sets=8", "validation.batch_size=4", "validation.every_n_steps=2",
-        "training.checkpointing.every_n_steps=1", "training.checkpointing.keep_last=10",
-        "logging.log_every_n_steps=1", "logging.wandb.enabled=false",
-        "logging.progress_bar=false", *extra]).config
+    """The shared shrunk quick_test, checkpointing every step and logging every step."""
+    return helpers.small_config(
+        base_dir, "training.checkpointing.every_n_steps=1",
+        "training.checkpointing.keep_last=10", "logging.log_every_n_steps=1", *extra)
 
 
 def only_run(base: Path) -> Path:

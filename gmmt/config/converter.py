@@ -73,39 +73,35 @@ def _make_converter() -> Converter:
         conv.register_structure_hook(tp, _strict_primitive(tp))
     conv.register_structure_hook_factory(lambda t: get_origin(t) is Literal, _literal_hook)
 
+    def items(values: list | tuple, item_tps: list[Any], tp: Any) -> list:
+        """Structure each item, collecting every failure with its index."""
+        out, errors = [], []
+        for i, (item, item_tp) in enumerate(zip(values, item_tps)):
+            try:
+                out.append(conv.structure(item, item_tp))
+            except Exception as exc:
+                errors.append(_with_note(exc, IterableValidationNote(f"item {i}", i, item_tp)))
+        if errors:
+            raise IterableValidationError("invalid list", errors, tp)
+        return out
+
     def list_hook(tp: Any) -> Any:
         (item_tp,) = get_args(tp)
 
         def hook(value: Any, _: Any) -> list:
             if not isinstance(value, list):
                 raise _ValueProblem(f"expected {describe_type(tp)}, got {describe_value(value)}")
-            out, errors = [], []
-            for i, item in enumerate(value):
-                try:
-                    out.append(conv.structure(item, item_tp))
-                except Exception as exc:
-                    errors.append(_with_note(exc, IterableValidationNote(f"item {i}", i, item_tp)))
-            if errors:
-                raise IterableValidationError("invalid list", errors, tp)
-            return out
+            return items(value, [item_tp] * len(value), tp)
 
         return hook
 
     def tuple_hook(tp: Any) -> Any:
-        item_tps = get_args(tp)
+        item_tps = list(get_args(tp))
 
         def hook(value: Any, _: Any) -> tuple:
             if not isinstance(value, (list, tuple)) or len(value) != len(item_tps):
                 raise _ValueProblem(f"expected {describe_type(tp)}, got {describe_value(value)}")
-            out, errors = [], []
-            for i, (item, item_tp) in enumerate(zip(value, item_tps)):
-                try:
-                    out.append(conv.structure(item, item_tp))
-                except Exception as exc:
-                    errors.append(_with_note(exc, IterableValidationNote(f"item {i}", i, item_tp)))
-            if errors:
-                raise IterableValidationError("invalid list", errors, tp)
-            return tuple(out)
+            return tuple(items(value, item_tps, tp))
 
         return hook
 
