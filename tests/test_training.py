@@ -48,8 +48,9 @@ def test_run_writes_the_run_folder(tmp_path: Path) -> None:
                  "final/config.json", "plots"):
         assert (run / name).exists(), name
     assert [s for s, _ in step_checkpoints(run)] == [1, 2, 3, 4]
-    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json"} \
-        <= {p.name for p in latest_checkpoint(run).iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json",
+            "config.json"} <= {p.name for p in latest_checkpoint(run).iterdir()}
+    assert ExperimentConfig.load(latest_checkpoint(run) / "config.json") == small_config(tmp_path)
     assert json.loads((run / "summary.json").read_text()) == summary
     assert summary["steps"] == 4 and summary["model"]["mse"] > 0
     assert ExperimentConfig.load(run / "config.json") == small_config(tmp_path)

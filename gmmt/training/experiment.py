@@ -398,6 +398,7 @@ class ExperimentManager:
         acc.save_state(str(temporary_checkpoint_dir(s.run_dir, step)))
         acc.wait_for_everyone()
         if acc.is_main_process:
+            s.cfg.save(temporary_checkpoint_dir(s.run_dir, step) / "config.json")
             path = finish_checkpoint(s.run_dir, step, s.state,
                                      s.cfg.training.checkpointing.keep_last)
             log.info("checkpoint: %s", path)
