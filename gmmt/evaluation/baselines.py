@@ -72,7 +72,8 @@ class EMFit:
     def result(self, mask: Tensor | None = None) -> BaselineResult:
         """Posterior-mean centre sum_k r_k mu_k and argmax-responsibility assignment."""
         centres = self.responsibilities @ self.means
-        return _result(centres, self.responsibilities.argmax(-1), mask)
+        # argmax over a strided last dim is ~8x slower on CPU than a copy plus argmax.
+        return _result(centres, self.responsibilities.contiguous().argmax(-1), mask)
 
 
 @dataclass
