@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("presets")
     g.add_argument("--preset", "--experiment-preset", dest="preset", metavar="NAME",
-                   help="experiment preset (default: quick_test); see --list-presets")
+                   help="experiment preset (default: quick_test; with --resume alone: the "
+                        "run's own saved config); see --list-presets")
     for component in COMPONENTS:
         g.add_argument(f"--{component}-preset", dest=component, metavar="NAME",
                        help=f"{component} component preset (replaces the experiment's)")
@@ -130,14 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.describe_preset:
             print(describe_preset(store, args.describe_preset))
             return 0
-        resolved = resolve_config(
-            args.preset, model=args.model, training=args.training, data=args.data,
-            validation=args.validation, config_file=args.config_file,
-            config_dirs=args.config_dir, overrides=args.overrides, device=args.device,
-            exp_name=args.exp_name, seed=args.seed)
+        resolved = resolve_args(args)
         if args.print_config:
-            print(json.dumps(resolved.config.to_dict(), indent=2))
-            print(describe_resolution(resolved))
+            print(json.dumps(resolved.config.to_dict(), indent=2))  # stdout: pure JSON
+            print(describe_resolution(resolved), file=sys.stderr)
             return 0
         if args.dry_run:
             print(describe_resolution(resolved))
@@ -162,6 +159,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gmmt: stopped at step {summary['steps']} ({summary['stopped_by']}); "
               f"resume with --resume latest", file=sys.stderr)
     return 0
+
+
+def resolve_args(args: argparse.Namespace) -> Resolved:
+    """The config the arguments describe.
+
+    ``--resume`` without a preset, component preset or ``--config`` continues the run with its
+    own saved config.json (plus any flags and ``--set``), not with the default preset's.
+    """
+    def resolve(config_file: str | None) -> Resolved:
+        return resolve_config(
+            args.preset, model=args.model, training=args.training, data=args.data,
+            validation=args.validation, config_file=config_file,
+            config_dirs=args.config_dir, overrides=args.overrides, device=args.device,
+            exp_name=args.exp_name, seed=args.seed)
+
+    chose = args.preset or args.config_file or any(getattr(args, c) for c in COMPONENTS)
+    if args.resume is None or chose:
+        return resolve(args.config_file)
+    from gmmt.training.setup import find_resume_checkpoint
+
+    # The default preset only serves to find the run (its exp_name and base_dir, as changed
+    # by --exp-name / --set); the run's own config is then the base.
+    checkpoint = find_resume_checkpoint(args.resume, resolve(None).config)
+    return resolve(str(checkpoint.parent.parent / "config.json"))
 
 
 def dry_run(config: ExperimentConfig) -> None:

@@ -31,10 +31,12 @@ def test_list_presets(capsys: pytest.CaptureFixture) -> None:
 def test_print_config_shows_value_and_diff(capsys: pytest.CaptureFixture) -> None:
     code = main(["--print-config", "--preset", "standard", "--set",
                  "training.optimizer.lr=0.0002"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     assert code == 0
-    config_text, _, summary = out.partition("\npreset: ")
-    assert json.loads(config_text)["training"]["optimizer"]["lr"] == 0.0002
+    # stdout is the config alone (redirect it to a file and --config it back); the summary
+    # goes to stderr.
+    assert json.loads(captured.out)["training"]["optimizer"]["lr"] == 0.0002
+    summary = captured.err
     assert "training.optimizer.lr: 0.0005 -> 0.0002" in summary
     assert "overrides: training.optimizer.lr=0.0002" in summary
 

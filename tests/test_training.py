@@ -350,3 +350,27 @@ def test_ragged_sets_train(tmp_path: Path) -> None:
     assert summary["steps"] == 4 and 0 < summary["model"]["mse"] < float("inf")
     rates = [r for _, r in logged(only_run(tmp_path), "train/points_per_s")]
     assert len(rates) == 4 and all(r > 0 for r in rates)
+
+
+SHRINK = ["--device", "cpu", "--set", "training.num_epochs=2", "--set",
+          "training.steps_per_epoch=2", "--set", "training.batch_size=4", "--set",
+          'data.sample_count_distribution={"type": "fixed", "value": 40}', "--set",
+          "validation.num_sets=8", "--set", "validation.batch_size=4", "--set",
+          "training.scheduler.warmup_steps=1", "--set", "logging.wandb.enabled=false",
+          "--set", "logging.progress_bar=false"]
+
+
+def test_bare_resume_continues_with_the_runs_own_config(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gmmt.run import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--preset", "quick_test", *SHRINK, "--stop-after-steps", "2"]) == 0
+    # No preset, no --set: the run's saved config is the base, not quick_test's defaults.
+    assert main(["--resume", "latest"]) == 0
+    run = only_run(tmp_path / "runs")
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["steps"], summary["total_steps"]) == (4, 4)
+    assert ExperimentConfig.load(run / "config.json").training.steps_per_epoch == 2
+    # Changing the validation bank on resume is refused (best/ compares across the run).
+    assert main(["--resume", "latest", "--set", "validation.num_sets=16"]) == 2

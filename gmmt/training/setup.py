@@ -19,8 +19,10 @@ from gmmt.training.checkpoint import TRAINER_STATE, latest_checkpoint
 log = logging.getLogger("gmmt")
 
 # Settings a resumed run may not change: they define the model, the data stream or its layout.
+# The validation bank size is locked too: best/ compares metrics across the whole run.
 LOCKED_ON_RESUME = ("model", "data", "device.seed", "training.batch_size",
-                    "training.gradient_accumulation_steps")
+                    "training.gradient_accumulation_steps", "validation.num_sets",
+                    "validation.batch_size")
 
 
 def build_accelerator(config: ExperimentConfig) -> Accelerator:
