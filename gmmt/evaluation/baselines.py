@@ -227,6 +227,18 @@ def _kmeans_plus_plus(xs: Tensor, m: Tensor, k: Tensor,
     return seeds
 
 
+def _seeded_inputs(points: Tensor, mask: Tensor | None, k: Tensor, n_init: int,
+                   generator: torch.Generator | None, seeds: Tensor | None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """Augmented points, mask and k with ``n_init`` restarts as extra rows, their k-means++
+    seeds (or the given ``seeds``, one restart), and the restart count."""
+    xs, m = _inputs(points, mask)
+    if seeds is not None:
+        return xs, m, k, seeds, 1
+    xs, m, k = _restarts(xs, m, k, n_init)
+    return xs, m, k, _kmeans_plus_plus(xs, m, k, generator), n_init
+
+
 # ---------------------------------------------------------------------------------------------
 # EM for a spherical GMM.
 
@@ -385,13 +397,7 @@ def fit_em(points: Tensor, k: Tensor, mask: Tensor | None = None, *, n_init: int
         n_init: restarts, run together as extra rows of the batch.
         seeds: fixed seeds [b, k_max, d] instead of k-means++ (then one restart).
     """
-    xs, m = _inputs(points, mask)
-    if seeds is None:
-        r = n_init
-        xs, m, k = _restarts(xs, m, k, r)
-        seeds = _kmeans_plus_plus(xs, m, k, generator)
-    else:
-        r = 1
+    xs, m, k, seeds, r = _seeded_inputs(points, mask, k, n_init, generator, seeds)
     gmm, comp, reg = _initial_gmm(xs, m, k, seeds, reg_covar)
     rows = torch.arange(xs.shape[0], device=xs.device)
     n_iter = torch.full_like(rows, max_iter)
@@ -445,13 +451,7 @@ def fit_kmeans(points: Tensor, k: Tensor, mask: Tensor | None = None, *, n_init:
         points [b, n, d]; k [b] long; mask [b, n] bool or None.
         seeds: fixed seeds [b, k_max, d] instead of k-means++ (then one restart).
     """
-    xs, m = _inputs(points, mask)
-    if seeds is None:
-        r = n_init
-        xs, m, k = _restarts(xs, m, k, r)
-        seeds = _kmeans_plus_plus(xs, m, k, generator)
-    else:
-        r = 1
+    xs, m, k, seeds, r = _seeded_inputs(points, mask, k, n_init, generator, seeds)
     d = xs.shape[1] - 2
     centroids = seeds.to(xs.dtype)
     k_max = centroids.shape[1]
