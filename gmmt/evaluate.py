@@ -133,7 +133,8 @@ def pick_device(name: str) -> torch.device:
 
 def evaluation_config(saved: ExperimentConfig, num_sets: int, batch_size: int,
                       baselines: Sequence[str]) -> ValidationConfig:
-    """Every metric, the chosen baselines, per-SNR and per-K breakdown, all plots."""
+    """Every metric, the chosen baselines, per-SNR, per-K and per-separation breakdown, all
+    plots."""
     metrics = list(ALL_METRICS)
     if not {"em", "oracle"} <= set(baselines):
         metrics.remove("gap_closed")  # defined through the EM and oracle errors
@@ -145,7 +146,7 @@ def evaluation_config(saved: ExperimentConfig, num_sets: int, batch_size: int,
         num_sets=num_sets, batch_size=batch_size, every_n_steps=0, metrics=metrics,
         baselines=list(baselines), em=saved.validation.em,
         breakdown=BreakdownConfig(by_snr=True, snr_bins=saved.validation.breakdown.snr_bins,
-                                  by_k=True),
+                                  by_k=True, by_separation=True),
         visualization=VisualizationConfig(
             enabled=True, plots=plots, baseline=grid,
             num_examples=saved.validation.visualization.num_examples))
@@ -222,7 +223,7 @@ def _breakdown(metrics: dict[str, float], prefix: str, methods: Sequence[str],
                if any(_key(prefix, b, m, metric) in metrics for b in bins)]
     rows = [[b] + [_fmt(metrics.get(_key(prefix, b, m, metric))) for m in columns]
             for b in bins]
-    head = "SNR bin (dB)" if prefix == "by_snr" else "K"
+    head = {"by_snr": "SNR bin (dB)", "by_k": "K", "by_sep": "closest centres (σ)"}[prefix]
     return ["", f"### {title}", "", *_table([head, *columns], rows)]
 
 
@@ -252,6 +253,8 @@ def markdown(result: dict[str, Any]) -> str:
     methods = ["model", *result["baselines"]]
     lines += _breakdown(metrics, "by_snr", methods, "mse_over_noise", "MSE/σ² by SNR")
     lines += _breakdown(metrics, "by_k", methods, "mse_over_noise", "MSE/σ² by K")
+    lines += _breakdown(metrics, "by_sep", methods, "mse",
+                        "MSE by the distance between the two closest centres")
     return "\n".join(lines) + "\n"
 
 

@@ -56,6 +56,7 @@ def test_evaluate_prints_the_table_and_writes_every_result(
     for row in ("model", *ALL_BASELINES):
         assert f"| {row} |" in out
     assert "### MSE/σ² by SNR" in out and "### MSE/σ² by K" in out
+    assert "| closest centres (σ) |" in out and "| 12_inf |" in out
 
     folder = run_dir / "evaluation" / "training_data"
     result = json.loads((folder / "evaluation.json").read_text())
@@ -65,8 +66,8 @@ def test_evaluate_prints_the_table_and_writes_every_result(
     assert 0 <= result["baselines"]["oracle"]["mse"] <= result["baselines"]["identity"]["mse"]
     assert "gap_closed" in result["model"]
     # Breakdowns have their own sections, each split into model and baselines.
-    assert not any(k.startswith(("by_snr.", "by_k.")) for k in result["model"])
-    for kind in ("by_snr", "by_k"):
+    assert not any(k.startswith(("by_snr.", "by_k.", "by_sep.")) for k in result["model"])
+    for kind in ("by_snr", "by_k", "by_sep"):
         groups = result[kind]
         assert groups and all(set(g) == {"model", "baselines"} for g in groups.values())
         assert all(set(g["baselines"]) == set(ALL_BASELINES) for g in groups.values())

@@ -15,6 +15,7 @@ from gmmt.data.gmm import validation_bank
 from gmmt.evaluation.metrics import (
     adjusted_rand_index,
     centre_mse_per_set,
+    closest_centre_separation,
     energy_distance,
     entropic_wasserstein,
     gap_closed,
@@ -22,6 +23,8 @@ from gmmt.evaluation.metrics import (
     k_index,
     k_values,
     normalized_mutual_info,
+    separation_bin_index,
+    separation_bin_labels,
     snr_bin_index,
     snr_bin_labels,
     snr_bins,
@@ -215,6 +218,17 @@ def test_snr_bins_and_k_values() -> None:
     assert k_values(few) == [2, 3, 4]
     assert k_index(torch.tensor([2, 4, 3]), k_values(few)).tolist() == [0, 2, 1]
     assert k_values(DistributionSpec(type="choice", values=[3, 7])) == [3, 4, 5, 6, 7]
+
+
+def test_closest_centre_separation_ignores_padded_components() -> None:
+    # set 0: K=3 with its closest pair 1 apart; set 1: K=2, 5 apart, a padded row at distance 0
+    centres = torch.tensor([[[0.0, 0.0], [3.0, 0.0], [3.0, 1.0]],
+                            [[0.0, 0.0], [0.0, 5.0], [0.0, 0.0]]])
+    separation = closest_centre_separation(centres, torch.tensor([3, 2]), torch.tensor([0.5, 2.0]))
+    assert separation.tolist() == [2.0, 2.5]
+    assert separation_bin_labels() == ["0_3", "3_6", "6_12", "12_inf"]
+    edges = torch.tensor([0.0, 2.99, 3.0, 5.9, 6.0, 11.9, 12.0, 100.0, math.inf])
+    assert separation_bin_index(edges.double()).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 3]
 
 
 def test_ari_of_a_generated_batch_is_one_for_the_truth() -> None:

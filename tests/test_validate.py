@@ -54,15 +54,17 @@ def bank(data: DataConfig) -> list:
 
 @pytest.fixture(scope="module")
 def sums(data: DataConfig, bank: list) -> dict[str, torch.Tensor]:
-    return validation_sums(Identity(), bank, full_config(by_snr=True, by_k=True), data, 3)
+    return validation_sums(Identity(), bank,
+                           full_config(by_snr=True, by_k=True, by_separation=True), data, 3)
 
 
 def test_sums_follow_metric_keys(data: DataConfig, sums: dict) -> None:
-    keys = metric_keys(full_config(by_snr=True, by_k=True), data)
+    keys = metric_keys(full_config(by_snr=True, by_k=True, by_separation=True), data)
     assert list(sums) == keys and len(keys) == len(set(keys))
     assert keys[:3] == ["count", "mse", "mse_over_noise"]
     assert "baselines.em.ari" in keys and "by_snr.12_13.baselines.em.mse" in keys
     assert "by_k.4.wasserstein" in keys and "by_snr.16_17.count" in keys
+    assert "by_sep.0_3.count" in keys and "by_sep.12_inf.baselines.oracle.mse" in keys
     assert not any(k.endswith("gap_closed") for k in keys)  # derived, never summed
     assert all(v.dtype == torch.float64 and v.ndim == 0 for v in sums.values())
     assert float(sums["count"]) == 40
@@ -86,10 +88,10 @@ def test_averages_cover_the_keys_and_derive_gap_closed(sums: dict) -> None:
 
 def test_breakdowns_sum_back_to_the_totals(sums: dict) -> None:
     names = [k for k in sums if not k.startswith("by_")]
-    for breakdown in ("by_snr.", "by_k."):
+    for breakdown, bins in (("by_snr.", 5), ("by_k.", 3), ("by_sep.", 4)):
         groups = {k[: -len("count")] for k in sums if k.startswith(breakdown)
                   and k.endswith(".count")}
-        assert len(groups) == (5 if breakdown == "by_snr." else 3)
+        assert len(groups) == bins
         for name in names:
             total = sum(float(sums[g + name]) for g in groups)
             assert total == pytest.approx(float(sums[name]), rel=1e-12, abs=1e-12), name

@@ -20,11 +20,14 @@ class EMConfig:
 
 @config_class
 class BreakdownConfig:
-    """Split validation metrics by SNR bin and by K."""
+    """Split validation metrics by SNR bin, by K and by how close the closest centres are."""
 
     by_snr: bool = setting(False, "report metrics per SNR bin")
     snr_bins: int = setting(5, "equal-width SNR bins over the prior's range", positive)
     by_k: bool = setting(False, "report metrics per number of clusters")
+    by_separation: bool = setting(
+        False, "report metrics by the distance between the set's two closest centres, in noise "
+        "stds (bins 0-3, 3-6, 6-12, 12+)")
 
 
 @config_class

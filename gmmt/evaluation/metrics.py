@@ -24,6 +24,7 @@ Shape legend: ``b`` sets, ``n`` points, ``d`` dims, ``k`` components (padded to 
 """
 
 import math
+from itertools import pairwise
 
 import torch
 from torch import Tensor
@@ -312,7 +313,7 @@ def entropic_wasserstein(pred: Tensor, centres: Tensor, weights: Tensor, sigma: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Breakdowns by SNR and by K.
+# Breakdowns by SNR, by K and by the separation of the closest centres.
 
 
 def _support(spec: DistributionSpec) -> tuple[float, float]:
@@ -362,3 +363,37 @@ def k_values(spec: DistributionSpec) -> list[int]:
 def k_index(k: Tensor, values: list[int]) -> Tensor:
     """Position of each set's K in ``values`` (contiguous integers), [b] long."""
     return (k.long() - values[0]).clamp_(0, len(values) - 1)
+
+
+# Closest-centre separation bins, in noise standard deviations: below ~3 sigma two components
+# merge into one mode, 3-6 they overlap, 6-12 they barely touch, beyond 12 a point's cluster is
+# never in doubt and the error is only how precisely its mean is estimated.
+SEPARATION_EDGES = (0.0, 3.0, 6.0, 12.0, math.inf)
+
+
+def closest_centre_separation(centres: Tensor, k: Tensor, sigma: Tensor) -> Tensor:
+    """Distance between each set's two closest real centres over its noise std, [b] float64.
+
+    Args:
+        centres [b, k_max, d] (rows >= k are padding); k [b] long, components per set (>= 2);
+        sigma [b] noise standard deviation.
+    """
+    c = centres.double()
+    k_max = c.shape[1]
+    real = torch.arange(k_max, device=c.device) < k.unsqueeze(1)  # [b, k_max]
+    pair = real.unsqueeze(2) & real.unsqueeze(1) & ~torch.eye(k_max, dtype=torch.bool,
+                                                               device=c.device)
+    distance = torch.cdist(c, c).masked_fill(~pair, math.inf)  # [b, k_max, k_max]
+    return distance.flatten(1).amin(dim=1) / sigma.double()
+
+
+def separation_bin_labels() -> list[str]:
+    """Key labels ``<lo>_<hi>`` of the :data:`SEPARATION_EDGES` bins (the last is ``12_inf``)."""
+    return [f"{_label(lo)}_{_label(hi)}" for lo, hi in pairwise(SEPARATION_EDGES)]
+
+
+def separation_bin_index(separation: Tensor) -> Tensor:
+    """The :data:`SEPARATION_EDGES` bin of each separation, [b] long."""
+    inner = torch.tensor(SEPARATION_EDGES[1:-1], dtype=separation.dtype,
+                         device=separation.device)
+    return torch.bucketize(separation, inner, right=True)

@@ -47,7 +47,7 @@ def grid_predictions(model: nn.Module, batch: GMMBatch, config: ValidationConfig
     return out
 
 
-BREAKDOWNS = ("by_snr", "by_k")
+BREAKDOWNS = ("by_snr", "by_k", "by_sep")
 
 
 def _split_group(metrics: Mapping[str, float]) -> dict[str, Any]:

@@ -9,7 +9,9 @@ Keys (``<m>`` is each metric of ``config.metrics`` except the derived ``gap_clos
 * ``count`` (sets), ``<m>`` for the model, ``baselines.<name>.<m>`` for each baseline;
 * with ``breakdown.by_snr``: the same under ``by_snr.<lo>_<hi>.`` for equal-width SNR bins over
   the data prior's support (``by_snr.<lo>_<hi>.count`` counts its sets);
-* with ``breakdown.by_k``: the same under ``by_k.<K>.`` for every K the prior can draw.
+* with ``breakdown.by_k``: the same under ``by_k.<K>.`` for every K the prior can draw;
+* with ``breakdown.by_separation``: the same under ``by_sep.<lo>_<hi>.`` for bins of the
+  distance between the set's two closest centres in noise stds (0-3, 3-6, 6-12, 12+).
 
 ``mse_over_noise`` is the per-set MSE / sigma^2 averaged over sets. ``ari`` / ``nmi`` of the
 model score the clustering its predictions induce (each prediction's nearest true centre, see
@@ -29,6 +31,7 @@ from gmmt.evaluation.baselines import run_baseline
 from gmmt.evaluation.metrics import (
     adjusted_rand_index,
     centre_mse_per_set,
+    closest_centre_separation,
     energy_distance,
     entropic_wasserstein,
     gap_closed,
@@ -36,6 +39,8 @@ from gmmt.evaluation.metrics import (
     k_index,
     k_values,
     normalized_mutual_info,
+    separation_bin_index,
+    separation_bin_labels,
     snr_bin_index,
     snr_bin_labels,
     snr_bins,
@@ -61,13 +66,16 @@ def _local_names(config: ValidationConfig) -> list[str]:
 
 
 def _group_prefixes(config: ValidationConfig, data: DataConfig) -> list[str]:
-    """'' (all sets), then one prefix per SNR bin and per K when the breakdown asks."""
+    """'' (all sets), then one prefix per SNR bin, per K and per separation bin when the
+    breakdown asks."""
     prefixes = [""]
     if config.breakdown.by_snr:
         edges = snr_bins(data.snr_db_params, config.breakdown.snr_bins)
         prefixes += [f"by_snr.{label}." for label in snr_bin_labels(edges)]
     if config.breakdown.by_k:
         prefixes += [f"by_k.{k}." for k in k_values(data.cluster_params)]
+    if config.breakdown.by_separation:
+        prefixes += [f"by_sep.{label}." for label in separation_bin_labels()]
     return prefixes
 
 
@@ -88,6 +96,11 @@ def _membership(batch: GMMBatch, config: ValidationConfig, data: DataConfig) -> 
     if config.breakdown.by_k:
         values = k_values(data.cluster_params)
         rows.append(nn.functional.one_hot(k_index(batch.k, values), len(values)).T.double())
+    if config.breakdown.by_separation:
+        separation = closest_centre_separation(batch.centres, batch.k, batch.sigma)
+        labels = separation_bin_labels()
+        rows.append(nn.functional.one_hot(separation_bin_index(separation), len(labels)).T
+                    .double())
     return torch.cat(rows)
 
 
