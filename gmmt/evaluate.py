@@ -37,7 +37,7 @@ from gmmt.config.validation import (
 from gmmt.data.batch import GMMBatch
 from gmmt.data.gmm import GMMSampler, derive_seed
 from gmmt.evaluation.report import draw_plots, flatten_sections, sections
-from gmmt.evaluation.validate import averages, metric_keys, validation_sums
+from gmmt.evaluation.validate import COUNT, averages, metric_keys, validation_sums
 from gmmt.training.checkpoint import CONFIG_FILE, MODEL_FILE, load_model, write_json_atomic
 
 EXIT_USAGE = 2
@@ -158,8 +158,10 @@ def evaluation_config(saved: ExperimentConfig, num_sets: int, batch_size: int,
 
 
 def evaluate(model: torch.nn.Module, data: DataConfig, config: ValidationConfig, seed: int,
-             device: torch.device, progress: bool = True) -> tuple[dict[str, float], GMMBatch]:
-    """Flat metrics of the model and baselines on the held-out bank, and its first batch.
+             device: torch.device, progress: bool = True
+             ) -> tuple[dict[str, float], GMMBatch, dict[str, int]]:
+    """Flat metrics of the model and baselines on the held-out bank, its first batch, and the
+    number of sets in each breakdown bin (``{"by_snr.12_13": 410, ...}``).
 
     Batches are drawn one at a time (a large bank never sits in memory at once) from the
     ``"evaluation"`` stream; each batch's baselines get their own seed.
@@ -179,7 +181,9 @@ def evaluate(model: torch.nn.Module, data: DataConfig, config: ValidationConfig,
         for k in keys:
             if k in sums:
                 totals[k] += torch.as_tensor(sums[k], dtype=torch.float64).cpu()
-    return averages(totals), first
+    counts = {k.removesuffix("." + COUNT): int(v) for k, v in totals.items()
+              if k.endswith("." + COUNT)}
+    return averages(totals), first, counts
 
 
 # --- report --------------------------------------------------------------------------------
@@ -200,9 +204,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def _breakdown(metrics: dict[str, float], prefix: str, methods: Sequence[str],
-               metric: str, title: str) -> list[str]:
-    """A table of ``metric`` per bin (``by_snr``/``by_k``) for every method that has it."""
+def _breakdown(metrics: dict[str, float], counts: dict[str, int], prefix: str,
+               methods: Sequence[str], metric: str, title: str) -> list[str]:
+    """A table of ``metric`` per bin (``by_snr``/``by_k``/``by_sep``) for every method that has
+    it, after the number of sets in the bin."""
     bins: list[str] = []
     for k in metrics:
         if k.startswith(prefix + ".") and k.endswith("." + metric):
@@ -221,10 +226,10 @@ def _breakdown(metrics: dict[str, float], prefix: str, methods: Sequence[str],
     bins.sort(key=order)
     columns = [m for m in methods
                if any(_key(prefix, b, m, metric) in metrics for b in bins)]
-    rows = [[b] + [_fmt(metrics.get(_key(prefix, b, m, metric))) for m in columns]
-            for b in bins]
+    rows = [[b, str(counts.get(f"{prefix}.{b}", "—"))]
+            + [_fmt(metrics.get(_key(prefix, b, m, metric))) for m in columns] for b in bins]
     head = {"by_snr": "SNR bin (dB)", "by_k": "K", "by_sep": "closest centres (σ)"}[prefix]
-    return ["", f"### {title}", "", *_table([head, *columns], rows)]
+    return ["", f"### {title}", "", *_table([head, "sets", *columns], rows)]
 
 
 def _key(prefix: str, label: str, method: str, metric: str) -> str:
@@ -251,9 +256,10 @@ def markdown(result: dict[str, Any]) -> str:
                                                            "nmi")), "—"])
     lines += _table(header, rows)
     methods = ["model", *result["baselines"]]
-    lines += _breakdown(metrics, "by_snr", methods, "mse_over_noise", "MSE/σ² by SNR")
-    lines += _breakdown(metrics, "by_k", methods, "mse_over_noise", "MSE/σ² by K")
-    lines += _breakdown(metrics, "by_sep", methods, "mse",
+    counts = result.get("sets_per_bin", {})
+    lines += _breakdown(metrics, counts, "by_snr", methods, "mse_over_noise", "MSE/σ² by SNR")
+    lines += _breakdown(metrics, counts, "by_k", methods, "mse_over_noise", "MSE/σ² by K")
+    lines += _breakdown(metrics, counts, "by_sep", methods, "mse",
                         "MSE by the distance between the two closest centres")
     return "\n".join(lines) + "\n"
 
@@ -284,7 +290,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     out = Path(args.out) if args.out else default_out
 
     model = load_model(folder, device)
-    metrics, first = evaluate(model, data, config, seed, device)
+    metrics, first, counts = evaluate(model, data, config, seed, device)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = run_dir / "metrics.jsonl"
     plots = draw_plots(config, out, model, first, metrics,
@@ -294,6 +300,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         "num_sets": args.num_sets, "batch_size": args.batch_size, "seed": seed,
         "stream": EVALUATION_STREAM, "device": str(device),
         **sections(metrics),
+        "sets_per_bin": counts,
         "plots": sorted(p.name for p in plots.values()),
     }
     write_json_atomic(out / "evaluation.json", result)

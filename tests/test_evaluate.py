@@ -56,7 +56,7 @@ def test_evaluate_prints_the_table_and_writes_every_result(
     for row in ("model", *ALL_BASELINES):
         assert f"| {row} |" in out
     assert "### MSE/σ² by SNR" in out and "### MSE/σ² by K" in out
-    assert "| closest centres (σ) |" in out and "| 12_inf |" in out
+    assert "| closest centres (σ) | sets |" in out and "| 12_inf |" in out
 
     folder = run_dir / "evaluation" / "training_data"
     result = json.loads((folder / "evaluation.json").read_text())
@@ -72,6 +72,9 @@ def test_evaluate_prints_the_table_and_writes_every_result(
         assert groups and all(set(g) == {"model", "baselines"} for g in groups.values())
         assert all(set(g["baselines"]) == set(ALL_BASELINES) for g in groups.values())
     assert result["stream"] == "evaluation" and result["num_sets"] == 12
+    for kind in ("by_snr", "by_k", "by_sep"):
+        assert sum(n for key, n in result["sets_per_bin"].items()
+                   if key.startswith(kind + ".")) == 12
     assert (folder / "evaluation.md").read_text() == out
     assert result["plots"] == ["error_vs_snr.png", "sample_grid.png", "training_curves.png"]
     assert all(is_png(folder / name) for name in result["plots"])
@@ -99,12 +102,15 @@ def test_the_bank_is_not_the_validation_bank(run_dir: Path) -> None:
         def forward(self, points, mask=None, snr_db=None):
             return points
 
-    metrics, first = evaluate(Identity(), saved.data, config, saved.device.seed,
-                              torch.device("cpu"), progress=False)
+    metrics, first, counts = evaluate(Identity(), saved.data, config, saved.device.seed,
+                                      torch.device("cpu"), progress=False)
     validation = validation_bank(saved.data, saved.device.seed, 4, 4)[0]
     assert first.points.shape == validation.points.shape
     assert not torch.equal(first.points, validation.points)
     assert metrics["mse"] == pytest.approx(metrics["baselines.identity.mse"])
+    # every breakdown's bins hold all 4 sets between them
+    for kind in ("by_snr", "by_k", "by_sep"):
+        assert sum(n for key, n in counts.items() if key.startswith(kind + ".")) == 4
 
 
 @pytest.mark.parametrize("args, message", [
