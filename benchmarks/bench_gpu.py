@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from gmmt.config.presets import resolve_config
+from gmmt.data.distributions import sample
 from gmmt.training.experiment import ExperimentManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,6 +40,14 @@ def bf16_matmul_peak(size: int = 8192, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
+def set_sizes(config, draws: int = 100_000) -> tuple[float, float]:
+    """Mean N of a set, and mean N seen by a point (E[N^2] / E[N]: a point's attention cost
+    grows with the size of its own set, and big sets hold more of the points)."""
+    n = sample(config.data.sample_count_distribution, (draws,),
+               torch.Generator().manual_seed(0), "cpu", integer=True).double()
+    return float(n.mean()), float(n.square().mean() / n.mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -48,6 +57,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_gpu: needs a CUDA GPU (none is visible)")
     log_every = 25
+    if args.steps < 2 * log_every:
+        sys.exit(f"bench_gpu: --steps must be >= {2 * log_every} (rates are logged every "
+                 f"{log_every} steps and the first window, with warm-up, is dropped)")
     with tempfile.TemporaryDirectory() as tmp:
         config = resolve_config("standard", overrides=[
             "device.device=cuda", "device.mixed_precision=bf16", f"paths.base_dir={tmp}",
@@ -65,15 +77,15 @@ def main() -> None:
     rates = [r["train/points_per_s"] for r in rows if "train/points_per_s" in r][1:]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     points_per_s = statistics.median(rates)
-    mean_n = sum(config.data.sample_count_distribution.support()) / 2
-    achieved = points_per_s * flops_per_point(config, int(mean_n))
+    mean_n, n_per_point = set_sizes(config)
+    achieved = points_per_s * flops_per_point(config, round(n_per_point))
     peak = bf16_matmul_peak()
     report = {
         "benchmark": "gpu", "date": date.today().isoformat(),
         "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "preset": "standard", "precision": "bf16", "steps": summary["steps"],
         "batch": args.batch, "points_per_s": round(points_per_s),
-        "steps_per_s": round(points_per_s / (args.batch * mean_n), 2),
+        "steps_per_s_derived": round(points_per_s / (args.batch * mean_n), 2),
         "model_tflops_per_s": round(achieved / 1e12, 2),
         "bf16_matmul_peak_tflops_per_s": round(peak / 1e12, 1),
         "mfu": round(achieved / peak, 4),
