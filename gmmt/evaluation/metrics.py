@@ -365,9 +365,10 @@ def k_index(k: Tensor, values: list[int]) -> Tensor:
     return (k.long() - values[0]).clamp_(0, len(values) - 1)
 
 
-# Closest-centre separation bins, in noise standard deviations: below ~3 sigma two components
-# merge into one mode, 3-6 they overlap, 6-12 they barely touch, beyond 12 a point's cluster is
-# never in doubt and the error is only how precisely its mean is estimated.
+# Closest-centre separation bins, in noise standard deviations: below 3 sigma the two closest
+# components overlap heavily (below 2 sigma two equal ones form a single mode), 3-6 they
+# overlap, 6-12 they barely touch, beyond 12 a point's cluster is never in doubt and the error
+# is only how precisely its mean is estimated.
 SEPARATION_EDGES = (0.0, 3.0, 6.0, 12.0, math.inf)
 
 
