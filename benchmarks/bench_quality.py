@@ -72,19 +72,20 @@ def method_row(group: dict, name: str) -> dict:
 
 
 def by_separation(result: dict) -> dict:
-    """Raw MSE per closest-centre separation bin, with the bin's set count and its share of the
-    model's total excess over EM (shares sum to 1; gap_closed is computed on raw MSE too)."""
+    """Raw MSE per closest-centre separation bin, with the bin's set count and its contribution
+    to the overall MSE difference model - EM (sets / all sets x the bin's difference; the
+    contributions sum to the overall difference, whose sign decides gap_closed's)."""
     counts = result.get("sets_per_bin", {})
     rows = {}
     for label, group in result.get("by_sep", {}).items():
         row = {m: method_row(group, m).get("mse") for m in METHODS}
         row["sets"] = counts.get(f"by_sep.{label}", 0)
         rows[label] = row
-    excess = {label: row["sets"] * (row["model"] - row["em"]) for label, row in rows.items()
-              if row["model"] is not None and row["em"] is not None}
-    total = sum(excess.values())
-    for label, value in excess.items():
-        rows[label]["share_of_excess_over_em"] = value / total if total else None
+    total_sets = sum(row["sets"] for row in rows.values())
+    for row in rows.values():
+        if row["model"] is not None and row["em"] is not None and total_sets:
+            row["contribution_to_model_minus_em"] = (row["sets"] / total_sets
+                                                     * (row["model"] - row["em"]))
     return rows
 
 
