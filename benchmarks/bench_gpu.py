@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.presets import resolve_config
 from gmmt.data.distributions import sample
 from gmmt.training.experiment import ExperimentManager
@@ -40,7 +41,7 @@ def bf16_matmul_peak(size: int = 8192, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def set_sizes(config, draws: int = 100_000) -> tuple[float, float]:
+def set_sizes(config: ExperimentConfig, draws: int = 100_000) -> tuple[float, float]:
     """Mean N of a set, and mean N seen by a point (E[N^2] / E[N]: a point's attention cost
     grows with the size of its own set, and big sets hold more of the points)."""
     n = sample(config.data.sample_count_distribution, (draws,),

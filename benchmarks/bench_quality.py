@@ -61,7 +61,7 @@ def single_start_em(run_dir: Path, num_sets: int) -> dict[str, float]:
     config.em = em
     model = load_model(run_dir / "final")
     metrics, _, _ = run_evaluation(model, saved.data, config, saved.device.seed,
-                                torch.device("cpu"), progress=False)
+                                   torch.device("cpu"), progress=False)
     return {"mse": metrics["baselines.em.mse"],
             "mse_over_noise": metrics["baselines.em.mse_over_noise"],
             "gap_closed": metrics.get("gap_closed")}
