@@ -148,6 +148,8 @@ def test_every_distribution_type_has_a_valid_form() -> None:
     ({"training": {"num_epochs": 1, "steps_per_epoch": 10,
                    "scheduler": {"warmup_steps": 11}}}, "$.training.scheduler.warmup_steps"),
     ({"metadata": {"exp_name": "../escape"}}, "$.metadata.exp_name"),
+    ({"training": {"loss": {"type": "energy", "target": "posterior_mean"}}},
+     "$.training.loss.target"),
 ])
 def test_cross_field_rules(edit: dict, path: str) -> None:
     from gmmt.config.overrides import deep_merge

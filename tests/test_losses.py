@@ -100,6 +100,16 @@ def test_mse_zero_at_target_and_matches_definition() -> None:
     torch.testing.assert_close(mse_per_set(pred, batch.target), expected)
 
 
+def test_posterior_mean_target_scores_the_oracle_zero() -> None:
+    batch = make_batch(seed=3)
+    posterior = LossConfig(target="posterior_mean")
+    oracle = batch.posterior_mean
+    assert torch.equal(loss_per_set(posterior, oracle, batch), torch.zeros(3, dtype=DTYPE))
+    assert loss_per_set(LossConfig(), oracle, batch).sum() > 0  # the labels' own noise
+    torch.testing.assert_close(loss_per_set(posterior, batch.points, batch),
+                               mse_per_set(batch.points, oracle))
+
+
 def test_energy_zero_when_cloud_matches_weighted_centres() -> None:
     centres = torch.tensor([[[0.0, 0.0], [3.0, 1.0], [-1.0, 2.0]]], dtype=DTYPE)
     weights = torch.tensor([[0.5, 0.25, 0.25]], dtype=DTYPE)

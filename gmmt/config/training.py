@@ -44,6 +44,9 @@ class LossConfig:
     type: Literal["mse", "energy", "wasserstein"] = setting(
         "mse", "mse: to each point's own centre; energy / wasserstein: predicted cloud vs the "
         "weighted true centres")
+    target: Literal["centre", "posterior_mean"] = setting(
+        "centre", "mse only: centre = each point's true centre; posterior_mean = its posterior "
+        "mean under the true parameters (the same minimiser, less label noise)")
     normalization: Literal["none", "noise_var", "snr_power", "log"] = setting(
         "noise_var", "per-set scaling: none; noise_var: / sigma^2; snr_power: / signal_var * "
         "snr^p; log: log(eps + loss / sigma^2)")
@@ -53,6 +56,12 @@ class LossConfig:
     sinkhorn_epsilon: float = setting(0.05, "entropic regularisation (relative to sigma^2)",
                                       positive)
     sinkhorn_iterations: int = setting(50, "Sinkhorn iterations", positive)
+
+    def _problems(self) -> list[tuple[str, str]]:
+        if self.target != "centre" and self.type != "mse":
+            return [("target", f"{self.target!r} is only for the mse loss (type is "
+                     f"{self.type!r}); use 'centre'")]
+        return []
 
 
 @config_class

@@ -4,9 +4,38 @@ Shape legend (used throughout gmmt): ``b`` sets, ``n`` points per set, ``d`` dim
 ``k`` mixture components (padded to K_max within a batch).
 """
 
+import math
 from dataclasses import dataclass, fields, replace
 
 import torch
+
+
+def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """||x_i - c_j||^2, [b, n, k] for x [b, n, d] and c [b, k, d].
+
+    The |x|^2 + |c|^2 - 2 x.c expansion keeps memory at [b, n, k] (a direct difference would
+    hold [b, n, k, d]); in float64 its cancellation error (~1e-16 |x|^2) is far below any
+    noise variance we meet. Clamped at 0 against that round-off.
+    """
+    x2 = x.square().sum(-1, keepdim=True)  # [b, n, 1]
+    c2 = c.square().sum(-1).unsqueeze(1)  # [b, 1, k]
+    return torch.baddbmm(x2 + c2, x, c.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
+
+
+def posterior_logits(points: torch.Tensor, centres: torch.Tensor, weights: torch.Tensor,
+                     sigma: torch.Tensor) -> torch.Tensor:
+    """log pi_k - |x - mu_k|^2 / (2 sigma^2), [b, n, k]: each point's log posterior over the
+    components under the true parameters, up to a per-point constant; -inf for padded
+    (zero-weight) components. Computed in the dtype of ``points``.
+
+    Args:
+        points [b, n, d]; centres [b, k, d]; weights [b, k]; sigma [b].
+    """
+    mu, w = centres.to(points.dtype), weights.to(points.dtype)
+    log_w = torch.where(w > 0, w, 1.0).log().masked_fill(w == 0, -math.inf)
+    # The Gaussian's normaliser is the same for every component (shared sigma): it cancels.
+    scaled = squared_distances(points, mu) / (2 * sigma.to(points.dtype).square()).view(-1, 1, 1)
+    return log_w.unsqueeze(1) - scaled
 
 
 @dataclass
@@ -35,6 +64,20 @@ class GMMBatch:
         """Each point's true centre, [b, n, d] (what a perfect denoiser would output)."""
         index = self.labels.unsqueeze(-1).expand(-1, -1, self.centres.shape[-1])
         return torch.gather(self.centres, 1, index)
+
+    @property
+    def posterior_mean(self) -> torch.Tensor:
+        """Each point's posterior-mean centre under the true parameters, sum_k r_k(x) mu_k,
+        [b, n, d] (the oracle's prediction). Computed in float64, returned in the points'
+        dtype; padded points get 0."""
+        x = self.points.double()
+        if self.mask is not None:
+            x = x.masked_fill(~self.mask.unsqueeze(-1), 0.0)
+        resp = torch.softmax(posterior_logits(x, self.centres, self.weights, self.sigma), -1)
+        mean = resp @ self.centres.double()
+        if self.mask is not None:
+            mean = mean.masked_fill(~self.mask.unsqueeze(-1), 0.0)
+        return mean.to(self.points.dtype)
 
     @property
     def signal_var(self) -> torch.Tensor:

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from gmmt.config.validation import EMConfig
-from gmmt.data.batch import GMMBatch
-from gmmt.evaluation.metrics import clean_points, induced_clusters, squared_distances
+from gmmt.data.batch import GMMBatch, posterior_logits
+from gmmt.evaluation.metrics import clean_points, induced_clusters
 
 BASELINES = ("identity", "oracle", "em", "kmeans")
 # EM's variance regulariser, relative to each set's per-coordinate variance: the analogue of
@@ -149,13 +149,9 @@ def oracle_posterior_mean(points: Tensor, centres: Tensor, weights: Tensor, sigm
         sigma [b] noise standard deviation; mask [b, n] or None.
     """
     x = clean_points(points, mask)
-    mu, w = centres.to(x.dtype), weights.to(x.dtype)
-    log_w = torch.where(w > 0, w, 1.0).log().masked_fill(w == 0, -math.inf)
-    # The Gaussian's normaliser is the same for every component (shared sigma): it cancels.
-    logits = log_w.unsqueeze(1) - squared_distances(x, mu) / (2 * sigma.to(x.dtype).square()
-                                                               ).view(-1, 1, 1)
+    logits = posterior_logits(x, centres, weights, sigma)
     resp = torch.softmax(logits, dim=-1)  # [b, n, k]
-    return _result(resp @ mu, logits.argmax(-1), mask)
+    return _result(resp @ centres.to(x.dtype), logits.argmax(-1), mask)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from gmmt.config.data import DistributionSpec
+from gmmt.data.batch import squared_distances
 
 # Entropic regularisation of the Wasserstein metric in units of each set's sigma^2, the L1
 # error of the centre marginal it stops at, and its cap on Newton steps. On validation sets
@@ -59,18 +60,6 @@ def clean_points(x: Tensor, mask: Tensor | None) -> Tensor:
     cannot leak through a 0 * NaN product)."""
     x = x.to(work_dtype(x.device))
     return x if mask is None else x.masked_fill(~mask.unsqueeze(-1), 0.0)
-
-
-def squared_distances(x: Tensor, c: Tensor) -> Tensor:
-    """||x_i - c_j||^2, [b, n, k] for x [b, n, d] and c [b, k, d].
-
-    The |x|^2 + |c|^2 - 2 x.c expansion keeps memory at [b, n, k] (a direct difference would
-    hold [b, n, k, d]); in float64 its cancellation error (~1e-16 |x|^2) is far below any
-    noise variance we meet. Clamped at 0 against that round-off.
-    """
-    x2 = x.square().sum(-1, keepdim=True)  # [b, n, 1]
-    c2 = c.square().sum(-1).unsqueeze(1)  # [b, 1, k]
-    return torch.baddbmm(x2 + c2, x, c.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
 
 
 # ---------------------------------------------------------------------------------------------

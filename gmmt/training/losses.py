@@ -209,7 +209,8 @@ def loss_per_set(config: LossConfig, pred: Tensor, batch: GMMBatch) -> Tensor:
     if pred.shape != batch.points.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} != points {tuple(batch.points.shape)}")
     if config.type == "mse":
-        return mse_per_set(pred, batch.target, batch.mask)
+        target = batch.posterior_mean if config.target == "posterior_mean" else batch.target
+        return mse_per_set(pred, target, batch.mask)
     if config.type == "energy":
         return energy_distance_per_set(pred, batch.centres, batch.weights, batch.mask)
     if config.type == "wasserstein":
