@@ -68,13 +68,13 @@ class GMMBatch:
     @property
     def posterior_mean(self) -> torch.Tensor:
         """Each point's posterior-mean centre under the true parameters, sum_k r_k(x) mu_k,
-        [b, n, d] (the oracle's prediction). Computed in float64, returned in the points'
-        dtype; padded points get 0."""
-        x = self.points.double()
+        [b, n, d] (the oracle's prediction). Computed in at least float32 (not float64, which
+        MPS and TPUs lack), returned in the points' dtype; padded points get 0."""
+        x = self.points.to(torch.promote_types(self.points.dtype, torch.float32))
         if self.mask is not None:
             x = x.masked_fill(~self.mask.unsqueeze(-1), 0.0)
         resp = torch.softmax(posterior_logits(x, self.centres, self.weights, self.sigma), -1)
-        mean = resp @ self.centres.double()
+        mean = resp @ self.centres.to(x.dtype)
         if self.mask is not None:
             mean = mean.masked_fill(~self.mask.unsqueeze(-1), 0.0)
         return mean.to(self.points.dtype)
