@@ -2,15 +2,16 @@
 
 Trains the ``cpu_reference`` experiment preset (or takes a finished run with ``--run``), then
 scores its final model with ``gmmt.evaluate`` on held-out sets of the ``simple`` prior (a data
-stream never used in training or validation), overall and per SNR bin, per K and per
-separation. ``cpu_reference`` trains on sets of 100-250 points of that prior (cheaper steps)
-and is scored on its full 100-500; ``--data-preset`` scores on another prior.
+stream never used in training or validation): overall, per SNR bin, per K and per separation,
+and on sets of one fixed size each (``--set-sizes``, half as many sets). ``cpu_reference``
+trains on sets of 100-250 points of that prior (cheaper steps) and is scored on its full
+100-500; ``--data-preset`` scores on another prior.
 
 The question it answers: does the model, which is not told K, beat EM given the true K
 (``gap_closed > 0``), and how far is it from the Bayes-optimal oracle?
 
 Usage: ``python benchmarks/bench_quality.py [--run RUN_DIR] [--num-sets 2048]
-[--data-preset simple] [--json]``
+[--data-preset simple] [--set-sizes 100 500] [--json]``
 """
 
 import argparse
@@ -21,10 +22,12 @@ from contextlib import redirect_stdout
 from datetime import date
 from pathlib import Path
 
+import attrs
 import torch
 from common import machine
 
 from gmmt import load_model
+from gmmt.config.data import DistributionSpec
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.presets import resolve_config
 from gmmt.config.validation import EMConfig
@@ -70,6 +73,31 @@ def single_start_em(run_dir: Path, num_sets: int, data_preset: str) -> dict[str,
             "gap_closed": metrics.get("gap_closed")}
 
 
+def by_set_size(run_dir: Path, data_preset: str, sizes: list[int], num_sets: int
+                ) -> dict[str, dict[str, float]]:
+    """Model, EM (the run's restarts) and oracle MSE on the prior with N fixed at each size.
+
+    EM's excess over the oracle shrinks roughly as 1/N (a sample mean gets better with more
+    points); comparing the model at a small and a large N shows whether its own averaging
+    keeps up.
+    """
+    config_file = run_dir / "final" / "config.json"
+    saved = ExperimentConfig.load(config_file)
+    config = evaluation_config(saved, num_sets, 32, ["em", "oracle"])
+    model = load_model(run_dir / "final")
+    data = preset_data(data_preset, ())
+    rows = {}
+    for size in sizes:
+        fixed = attrs.evolve(data, sample_count_distribution=DistributionSpec(type="fixed",
+                                                                               value=size))
+        metrics, _, _ = run_evaluation(model, fixed, config, saved.device.seed,
+                                       torch.device("cpu"), progress=False)
+        rows[str(size)] = {"model": metrics["mse"], "em": metrics["baselines.em.mse"],
+                           "oracle": metrics["baselines.oracle.mse"],
+                           "gap_closed": metrics.get("gap_closed")}
+    return rows
+
+
 def method_row(group: dict, name: str) -> dict:
     return group["model"] if name == "model" else group["baselines"].get(name, {})
 
@@ -100,6 +128,9 @@ def main() -> None:
     parser.add_argument("--num-sets", type=int, default=2048, help="held-out sets")
     parser.add_argument("--data-preset", default="simple",
                         help="prior of the held-out sets (default: simple)")
+    parser.add_argument("--set-sizes", type=int, nargs="*", default=[100, 500],
+                        help="also score on the prior with N fixed at each size "
+                             "(default: 100 500; none to skip)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     train_s = None
@@ -125,6 +156,8 @@ def main() -> None:
                  | {"gap_closed": g["model"].get("gap_closed")}
                  for label, g in result.get("by_k", {}).items()},
         "by_separation": by_separation(result),
+        "by_set_size": by_set_size(run_dir, args.data_preset, args.set_sizes,
+                                   args.num_sets // 2),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -139,6 +172,9 @@ def main() -> None:
               f"{row.get('ari', nan):.4f} |")
     print(f"gap_closed: {report['gap_closed']:.3f} (EM with n_init restarts); against EM with "
           f"one start: {report['em_single_start']['gap_closed']:.3f}")
+    for size, row in report["by_set_size"].items():
+        print(f"N = {size}: model {row['model']:.6f}, EM {row['em']:.6f}, oracle "
+              f"{row['oracle']:.6f}, gap_closed {row['gap_closed']:.3f}")
 
 
 if __name__ == "__main__":
