@@ -27,6 +27,7 @@ import torch
 from common import machine
 
 from gmmt import load_model
+from gmmt.config.converter import check
 from gmmt.config.data import DistributionSpec
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.presets import resolve_config
@@ -90,6 +91,7 @@ def by_set_size(run_dir: Path, data_preset: str, sizes: list[int], num_sets: int
     for size in sizes:
         fixed = attrs.evolve(data, sample_count_distribution=DistributionSpec(type="fixed",
                                                                                value=size))
+        check(fixed)  # the cross-field rules: e.g. a size below 1 is refused here
         metrics, _, _ = run_evaluation(model, fixed, config, saved.device.seed,
                                        torch.device("cpu"), progress=False)
         rows[str(size)] = {"model": metrics["mse"], "em": metrics["baselines.em.mse"],

@@ -42,8 +42,8 @@ class LossConfig:
     """Training objective on the predicted centres."""
 
     type: Literal["mse", "energy", "wasserstein"] = setting(
-        "mse", "mse: to each point's own centre; energy / wasserstein: predicted cloud vs the "
-        "weighted true centres")
+        "mse", "mse: each prediction against its point's target (see target); energy / "
+        "wasserstein: predicted cloud vs the weighted true centres")
     target: Literal["centre", "posterior_mean"] = setting(
         "centre", "mse only: centre = each point's true centre; posterior_mean = its posterior "
         "mean under the true parameters (the same minimiser, less label noise)")
