@@ -58,15 +58,18 @@ def evaluate(run_dir: Path, num_sets: int, data_preset: str) -> dict:
     return json.loads(buffer.getvalue())
 
 
-def single_start_em(run_dir: Path, num_sets: int, data_preset: str) -> dict[str, float]:
+def load_run(run_dir: Path) -> tuple[ExperimentConfig, torch.nn.Module]:
+    """The saved config and the final model of a finished run."""
+    return ExperimentConfig.load(run_dir / "final" / "config.json"), load_model(run_dir / "final")
+
+
+def single_start_em(saved: ExperimentConfig, model: torch.nn.Module, num_sets: int,
+                    data_preset: str) -> dict[str, float]:
     """EM with ONE k-means++ start (n_init=1) on the same held-out sets, for comparison with
     the configured EM (n_init restarts, the best likelihood kept)."""
-    config_file = run_dir / "final" / "config.json"
-    saved = ExperimentConfig.load(config_file)
     em = EMConfig(n_init=1, max_iter=saved.validation.em.max_iter, tol=saved.validation.em.tol)
     config = evaluation_config(saved, num_sets, 32, ["em", "oracle"])
     config.em = em
-    model = load_model(run_dir / "final")
     metrics, _, _ = run_evaluation(model, preset_data(data_preset, ()), config,
                                    saved.device.seed, torch.device("cpu"), progress=False)
     return {"mse": metrics["baselines.em.mse"],
@@ -74,18 +77,15 @@ def single_start_em(run_dir: Path, num_sets: int, data_preset: str) -> dict[str,
             "gap_closed": metrics.get("gap_closed")}
 
 
-def by_set_size(run_dir: Path, data_preset: str, sizes: list[int], num_sets: int
-                ) -> dict[str, dict[str, float]]:
+def by_set_size(saved: ExperimentConfig, model: torch.nn.Module, data_preset: str,
+                sizes: list[int], num_sets: int) -> dict[str, dict[str, float]]:
     """Model, EM (the run's restarts) and oracle MSE on the prior with N fixed at each size.
 
     EM's excess over the oracle shrinks roughly as 1/N (a sample mean gets better with more
     points); comparing the model at a small and a large N shows whether its own averaging
     keeps up.
     """
-    config_file = run_dir / "final" / "config.json"
-    saved = ExperimentConfig.load(config_file)
     config = evaluation_config(saved, num_sets, 32, ["em", "oracle"])
-    model = load_model(run_dir / "final")
     data = preset_data(data_preset, ())
     rows = {}
     for size in sizes:
@@ -140,6 +140,7 @@ def main() -> None:
     if run_dir is None:
         run_dir, train_s = train(args.base_dir)
     result = evaluate(run_dir, args.num_sets, args.data_preset)
+    saved, model = load_run(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     report = {
         "benchmark": "quality", "date": date.today().isoformat(),
@@ -150,7 +151,7 @@ def main() -> None:
         "held_out_sets": args.num_sets, "held_out_prior": args.data_preset,
         "overall": {m: method_row(result, m) for m in METHODS},
         "gap_closed": result["model"].get("gap_closed"),
-        "em_single_start": single_start_em(run_dir, args.num_sets, args.data_preset),
+        "em_single_start": single_start_em(saved, model, args.num_sets, args.data_preset),
         "by_snr": {label: {m: method_row(g, m).get("mse_over_noise") for m in METHODS}
                    | {"gap_closed": g["model"].get("gap_closed")}
                    for label, g in result.get("by_snr", {}).items()},
@@ -158,7 +159,7 @@ def main() -> None:
                  | {"gap_closed": g["model"].get("gap_closed")}
                  for label, g in result.get("by_k", {}).items()},
         "by_separation": by_separation(result),
-        "by_set_size": by_set_size(run_dir, args.data_preset, args.set_sizes,
+        "by_set_size": by_set_size(saved, model, args.data_preset, args.set_sizes,
                                    args.num_sets // 2),
     }
     if args.json:
