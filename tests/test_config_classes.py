@@ -150,6 +150,10 @@ def test_every_distribution_type_has_a_valid_form() -> None:
     ({"metadata": {"exp_name": "../escape"}}, "$.metadata.exp_name"),
     ({"training": {"loss": {"type": "energy", "target": "posterior_mean"}}},
      "$.training.loss.target"),
+    ({"training": {"num_epochs": 1, "steps_per_epoch": 10, "curriculum": {"steps": 11}}},
+     "$.training.curriculum.steps"),
+    ({"training": {"curriculum": {"steps": 5, "sample_count_distribution": {
+        "type": "poisson", "rate": 50}}}}, "$.training.curriculum.sample_count_distribution"),
 ])
 def test_cross_field_rules(edit: dict, path: str) -> None:
     from gmmt.config.overrides import deep_merge

@@ -78,6 +78,12 @@ def test_data_param_names_become_explicit_dicts() -> None:
     assert (merged.data.snr_db_params.min, merged.data.snr_db_params.max) == (13, 17)
     with pytest.raises(ConfigError, match=r"unknown snr_db_params preset 'esay'.*did you mean"):
         resolve_config("quick_test", overrides=["data.snr_db_params=esay"])
+    # The curriculum's set sizes take the same names and the same whole replacement.
+    named = resolve_config("quick_test", overrides=[
+        "training.curriculum.sample_count_distribution=fixed_100"]).config
+    assert named.training.curriculum.sample_count_distribution.value == 100
+    assert named.to_dict()["training"]["curriculum"]["sample_count_distribution"] == {
+        "type": "fixed", "value": 100.0}
 
 
 def test_layer_order() -> None:

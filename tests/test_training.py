@@ -18,6 +18,7 @@ import gmmt
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.fields import ConfigError
 from gmmt.config.presets import resolve_config
+from gmmt.data.gmm import TRAIN_STREAM, GMMSampler
 from gmmt.training.checkpoint import latest_checkpoint, step_checkpoints
 from gmmt.training.experiment import ExperimentManager, TrainingDiverged, build_accelerator
 from gmmt.training.optim import build_optimizer, lr_factor
@@ -350,6 +351,35 @@ def test_ragged_sets_train(tmp_path: Path) -> None:
     assert summary["steps"] == 4 and 0 < summary["model"]["mse"] < float("inf")
     rates = [r for _, r in logged(only_run(tmp_path), "train/points_per_s")]
     assert len(rates) == 4 and all(r > 0 for r in rates)
+
+
+def test_curriculum_draws_small_sets_first_and_resumes_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn: list[tuple[str, int, int]] = []  # (stream, step, points per set)
+    real_batch = GMMSampler.batch
+
+    def recording_batch(self, step, batch_size, rank=0, stream=TRAIN_STREAM):
+        batch = real_batch(self, step, batch_size, rank, stream)
+        drawn.append((stream, step, batch.points.shape[1]))
+        return batch
+
+    monkeypatch.setattr(GMMSampler, "batch", recording_batch)
+    curriculum = ("training.curriculum.steps=3",
+                  'training.curriculum.sample_count_distribution={"type": "fixed", "value": 10}')
+    ExperimentManager(small_config(tmp_path / "straight", *curriculum)).run()
+    train = [(step, n) for stream, step, n in drawn if stream == TRAIN_STREAM]
+    assert train == [(0, 10), (1, 10), (2, 10), (3, 40)]
+    assert {n for stream, _, n in drawn if stream != TRAIN_STREAM} == {40}  # validation: data
+    assert "curriculum done at step 3" in (only_run(tmp_path / "straight") / "train.log"
+                                           ).read_text()
+
+    # Stopped inside the curriculum and resumed, the run is the same run.
+    split = tmp_path / "split"
+    ExperimentManager(small_config(split, *curriculum), stop_after_steps=2).run()
+    ExperimentManager(small_config(split, *curriculum), resume="latest").run()
+    a = load_file(str(only_run(tmp_path / "straight") / "final" / "model.safetensors"))
+    b = load_file(str(only_run(split) / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 SHRINK = ["--device", "cpu", "--set", "training.num_epochs=2", "--set",

@@ -81,6 +81,24 @@ class DistributionSpec:
         return (self.min, self.max)
 
 
+def count_problems(spec: DistributionSpec, lowest: int) -> list[str]:
+    """Why ``spec`` cannot draw an integer count >= ``lowest`` with a finite maximum (K or N).
+
+    Problems of the spec itself are left to its own checks (reported once, on the spec).
+    """
+    if spec._problems():
+        return []
+    lo, hi = spec.support()
+    out = []
+    if lo < lowest:
+        out.append(f"can draw {lo:g}, but must stay >= {lowest}; use a type with min")
+    if math.isinf(hi):
+        out.append("is unbounded; use a type with max (e.g. truncated_poisson)")
+    elif math.ceil(lo) > math.floor(hi):
+        out.append(f"holds no integer between {lo:g} and {hi:g}")
+    return out
+
+
 def _uniform(lo: float, hi: float) -> DistributionSpec:
     return DistributionSpec(type="uniform", min=lo, max=hi)
 
@@ -107,20 +125,9 @@ class DataConfig:
         positive)
 
     def _problems(self) -> list[tuple[str, str]]:
-        out = []
-        for name, lowest in (("cluster_params", 2), ("sample_count_distribution", 1)):
-            spec = getattr(self, name)
-            if spec._problems():
-                continue  # reported on the spec itself
-            lo, hi = spec.support()
-            if lo < lowest:
-                out.append((name, f"can draw {lo:g}, but must stay >= {lowest}; "
-                            f"use a type with min"))
-            if math.isinf(hi):
-                out.append((name, "is unbounded; use a type with max (e.g. truncated_poisson)"))
-            elif math.ceil(lo) > math.floor(hi):
-                out.append((name, f"holds no integer between {lo:g} and {hi:g}"))
-        return out
+        return [(name, message)
+                for name, lowest in (("cluster_params", 2), ("sample_count_distribution", 1))
+                for message in count_problems(getattr(self, name), lowest)]
 
     @property
     def max_clusters(self) -> int:

@@ -6,22 +6,20 @@ from typing import Any
 
 from gmmt.config.fields import ConfigError
 
-# Distribution specs are replaced whole when a layer names a new ``type`` (merging the old
-# type's parameters into a new type would only produce "not used by type" errors).
-ATOMIC_WHEN_TYPED = {("data", "cluster_params"), ("data", "snr_db_params"),
-                     ("data", "sample_count_distribution")}
+# Distribution specs (under these keys, wherever they sit) are replaced whole when a layer
+# names a new ``type``: merging the old type's parameters into a new type would only produce
+# "not used by type" errors.
+DISTRIBUTION_KEYS = {"cluster_params", "snr_db_params", "sample_count_distribution"}
 
 
-def deep_merge(base: dict[str, Any], overlay: dict[str, Any],
-               _path: tuple[str, ...] = ()) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     """A new dict: ``overlay`` over ``base``; nested dicts merge, everything else replaces."""
     out = copy.deepcopy(base)
     for key, value in overlay.items():
-        path = (*_path, key)
         old = out.get(key)
-        typed_replace = path in ATOMIC_WHEN_TYPED and isinstance(value, dict) and "type" in value
+        typed_replace = key in DISTRIBUTION_KEYS and isinstance(value, dict) and "type" in value
         if isinstance(old, dict) and isinstance(value, dict) and not typed_replace:
-            out[key] = deep_merge(old, value, path)
+            out[key] = deep_merge(old, value)
         else:
             out[key] = copy.deepcopy(value)
     return out

@@ -14,6 +14,7 @@ Every preset file is a JSON object mapping preset names to bodies; a body may ho
 entry) into a folder makes its presets available; nothing is registered in code.
 """
 
+import copy
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -140,15 +141,19 @@ class PresetStore:
         return body
 
     def resolve_data_params(self, layer: dict[str, Any]) -> dict[str, Any]:
-        """Replace data-parameter preset names (``"cluster_params": "few"``) by their dicts."""
-        data = layer.get("data")
-        if not isinstance(data, dict):
-            return layer
-        data = dict(data)
-        for field in DATA_PARAM_FIELDS:
-            if isinstance(data.get(field), str):
-                data[field] = self.resolve(f"data_params/{field}", data[field])
-        return {**layer, "data": data}
+        """Replace data-parameter preset names (``"cluster_params": "few"``) by their dicts,
+        in ``data`` and in ``training.curriculum`` (its set sizes)."""
+        out = copy.deepcopy(layer)
+        for path in (("data",), ("training", "curriculum")):
+            section = out
+            for key in path:
+                section = section.get(key) if isinstance(section, dict) else None
+            if not isinstance(section, dict):
+                continue
+            for field in DATA_PARAM_FIELDS:
+                if isinstance(section.get(field), str):
+                    section[field] = self.resolve(f"data_params/{field}", section[field])
+        return out
 
 
 @define

@@ -2,6 +2,7 @@
 
 from typing import ClassVar, Literal
 
+from gmmt.config.data import DistributionSpec, count_problems
 from gmmt.config.fields import (
     at_most,
     config_class,
@@ -95,6 +96,27 @@ class EarlyStoppingConfig:
 
 
 @config_class
+class CurriculumConfig:
+    """Start on smaller sets: the first ``steps`` optimizer steps draw each batch's N from
+    ``sample_count_distribution`` instead of ``data.sample_count_distribution``.
+
+    Attention costs N^2 while the model is the same function of every N, so early steps on small
+    sets buy more updates per second; the steps after them adapt it to the sets it is judged on.
+    Validation always uses the data prior.
+    """
+
+    steps: int = setting(0, "optimizer steps drawn from the distribution below (0: off)",
+                         non_negative)
+    sample_count_distribution: DistributionSpec = setting(
+        doc="number of points N during those steps (integer, >= 1)",
+        factory=lambda: DistributionSpec(type="uniform", min=50, max=150))
+
+    def _problems(self) -> list[tuple[str, str]]:
+        return [("sample_count_distribution", message)
+                for message in count_problems(self.sample_count_distribution, 1)]
+
+
+@config_class
 class TrainingConfig:
     """The training loop. Data is drawn fresh each step; an epoch is steps_per_epoch steps."""
 
@@ -111,6 +133,7 @@ class TrainingConfig:
     optimizer: OptimizerConfig = setting(doc="optimizer", factory=OptimizerConfig)
     scheduler: SchedulerConfig = setting(doc="learning-rate schedule", factory=SchedulerConfig)
     loss: LossConfig = setting(doc="objective", factory=LossConfig)
+    curriculum: CurriculumConfig = setting(doc="smaller sets first", factory=CurriculumConfig)
     checkpointing: CheckpointConfig = setting(doc="checkpoints", factory=CheckpointConfig)
     ema: EMAConfig = setting(doc="weight EMA", factory=EMAConfig)
     early_stopping: EarlyStoppingConfig = setting(doc="early stopping",
@@ -140,4 +163,7 @@ class TrainingConfig:
         if self.scheduler.warmup_steps > self.total_steps:
             out.append(("scheduler.warmup_steps", f"{self.scheduler.warmup_steps} exceeds the "
                         f"run's {self.total_steps} optimizer steps"))
+        if self.curriculum.steps > self.total_steps:
+            out.append(("curriculum.steps", f"{self.curriculum.steps} exceeds the run's "
+                        f"{self.total_steps} optimizer steps"))
         return out

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
@@ -76,6 +77,7 @@ class _Session:
     scheduler: Any
     ema: WeightEMA | None
     sampler: GMMSampler
+    curriculum_sampler: GMMSampler  # the data prior with training.curriculum's set sizes
     bank: list[GMMBatch]  # this process's share of the validation bank
     trackers: Trackers
     state: dict[str, Any]
@@ -141,6 +143,14 @@ class ExperimentManager:
         # (2) data: training batches per (rank, step); one validation bank for all processes.
         set_seed(cfg.device.seed)
         sampler = GMMSampler(cfg.data, cfg.device.seed, acc.device)
+        curriculum = cfg.training.curriculum
+        curriculum_sampler = GMMSampler(attrs.evolve(
+            cfg.data, sample_count_distribution=curriculum.sample_count_distribution),
+            cfg.device.seed, acc.device)
+        if curriculum.steps:
+            log.info("curriculum: the first %d steps draw N from %s", curriculum.steps,
+                     json.dumps(attrs.asdict(curriculum.sample_count_distribution,
+                                             filter=lambda _a, v: v is not None)))
         bank = validation_bank(cfg.data, cfg.device.seed, cfg.validation.num_sets,
                                cfg.validation.batch_size, acc.device)
         # Sharded models run every forward on every rank together: each evaluates all of it.
@@ -168,7 +178,8 @@ class ExperimentManager:
                             state["wandb_run_id"])
         state["wandb_run_id"] = trackers.wandb_run_id
         session = _Session(cfg, acc, run_dir, model, raw_model, optimizer, scheduler, ema,
-                           sampler, my_bank, trackers, state, num_params, sharded)
+                           sampler, curriculum_sampler, my_bank, trackers, state, num_params,
+                           sharded)
 
         previous = signal.signal(signal.SIGTERM, self._on_signal)
         start = time.time()
@@ -201,6 +212,9 @@ class ExperimentManager:
             grad_norm = self._train_step(s, window)
             step = state["step"]
             bar.update(1)
+            if step == cfg.training.curriculum.steps:
+                log.info("curriculum done at step %d: N now follows data.sample_count_distribution",
+                         step)
             if step % cfg.logging.log_every_n_steps == 0 or step == total:
                 self._log_training(s, window, grad_norm, bar)
             every = cfg.validation.every_n_steps
@@ -231,7 +245,8 @@ class ExperimentManager:
         accum = tcfg.gradient_accumulation_steps
         step = state["step"]
         for micro in range(accum):
-            batch = s.sampler.batch(step * accum + micro, tcfg.batch_size, acc.process_index)
+            sampler = s.curriculum_sampler if step < tcfg.curriculum.steps else s.sampler
+            batch = sampler.batch(step * accum + micro, tcfg.batch_size, acc.process_index)
             with nullcontext() if micro == accum - 1 else acc.no_sync(s.model):
                 pred, snr_estimate = s.model(batch.points, batch.mask, batch.snr_db,
                                              return_aux=True)
