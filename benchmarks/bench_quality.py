@@ -4,8 +4,9 @@ Trains the ``cpu_reference`` experiment preset (or takes a finished run with ``-
 scores its final model with ``gmmt.evaluate`` on held-out sets of the ``simple`` prior (a data
 stream never used in training or validation): overall, per SNR bin, per K and per separation,
 and on sets of one fixed size each (``--set-sizes``, half as many sets). ``cpu_reference``
-trains on sets of 100-250 points of that prior (cheaper steps) and is scored on its full
-100-500; ``--data-preset`` scores on another prior.
+trains on ``simple`` too, most of its steps on smaller sets (``training.curriculum``: cheaper
+steps), and is scored on the prior's full 100-500 points; ``--data-preset`` scores on another
+prior.
 
 The question it answers: does the model, which is not told K, beat EM given the true K
 (``gap_closed > 0``), and how far is it from the Bayes-optimal oracle?

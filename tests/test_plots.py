@@ -14,6 +14,7 @@ from gmmt.data.batch import GMMBatch
 from gmmt.data.gmm import validation_bank
 from gmmt.evaluation.plots import (
     PLOT_FILES,
+    curriculum_end,
     plot_error_vs_snr,
     plot_sample_grid,
     plot_training_curves,
@@ -88,6 +89,16 @@ def test_training_curves_with_baselines_resumed_steps_and_nan(tmp_path: Path) ->
                                 tmp_path / "training_curves.png")
     width, height = png_size(path)
     assert width > height
+
+
+def test_training_curves_shade_the_curriculum(tmp_path: Path) -> None:
+    rows = [{"step": s, "train/loss": 1.0 / s, "train/curriculum": float(s <= 30)}
+            for s in range(10, 60, 10)]
+    rows.append({"step": 50, "val/mse": 0.01})
+    assert curriculum_end(rows) == 30
+    assert curriculum_end([{"step": 10, "train/loss": 1.0}]) is None
+    assert curriculum_end([{"step": 10, "train/curriculum": 0.0}]) is None
+    png_size(plot_training_curves(write_jsonl(tmp_path / "m.jsonl", rows), tmp_path / "t.png"))
 
 
 def test_training_curves_without_validation(tmp_path: Path) -> None:

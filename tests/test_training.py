@@ -372,6 +372,8 @@ def test_curriculum_draws_small_sets_first_and_resumes_exactly(
     assert {n for stream, _, n in drawn if stream != TRAIN_STREAM} == {40}  # validation: data
     assert "curriculum done at step 3" in (only_run(tmp_path / "straight") / "train.log"
                                            ).read_text()
+    assert logged(only_run(tmp_path / "straight"), "train/curriculum") == [
+        (1, 1.0), (2, 1.0), (3, 1.0), (4, 0.0)]
 
     # Stopped inside the curriculum and resumed, the run is the same run.
     split = tmp_path / "split"

@@ -182,6 +182,13 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [by_step[s] for s in steps]
 
 
+def curriculum_end(rows: list[dict]) -> int | None:
+    """The last step logged with ``train/curriculum`` = 1 (smaller training sets), if any."""
+    steps = [step for step, flag in zip(*_series(rows, "train/curriculum"), strict=True)
+             if flag == 1.0]
+    return max(steps) if steps else None
+
+
 def _log_if_positive(ax: Axes, values: list[float]) -> None:
     # Some loss normalisations (e.g. "log") go negative; a log axis would drop those points.
     finite = [v for v in values if math.isfinite(v)]
@@ -192,7 +199,8 @@ def _log_if_positive(ax: Axes, values: list[float]) -> None:
 def plot_training_curves(metrics_jsonl_path: str | Path, path: str | Path) -> Path:
     """Training loss and validation MSE against the optimizer step; returns ``path``.
 
-    Left: ``train/loss`` (log y when positive). Right: ``val/mse`` (``val/mse_over_noise`` when
+    Left: ``train/loss`` (log y when positive), the steps of a ``training.curriculum`` shaded
+    on both sides. Right: ``val/mse`` (``val/mse_over_noise`` when
     MSE was not logged) with every baseline logged under ``val/baselines.<name>.<same metric>``
     as a dashed horizontal line at its last value (baselines do not train).
 
@@ -213,6 +221,11 @@ def plot_training_curves(metrics_jsonl_path: str | Path, path: str | Path) -> Pa
         else:
             ax_train.text(0.5, 0.5, "no training loss logged", ha="center", va="center",
                           transform=ax_train.transAxes)
+        end = curriculum_end(rows)
+        if end is not None:  # the loss jumps where the set sizes change; say why
+            for ax in (ax_train, ax_val):
+                ax.axvspan(0, end, color="0.9", zorder=0, label="curriculum (smaller sets)")
+            ax_train.legend(loc="upper right")
         ax_train.set(title="Training loss", xlabel="step", ylabel="loss")
         ax_train.grid(True, which="both", alpha=0.3)
 

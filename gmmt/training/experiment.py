@@ -301,6 +301,8 @@ class ExperimentManager:
                    "train/grad_norm": float(grad_norm),
                    "train/points_per_s": float(window["points"]) / elapsed,
                    "train/epoch": step / s.cfg.training.steps_per_epoch}
+        if s.cfg.training.curriculum.steps:  # 1 while steps draw the curriculum's set sizes
+            scalars["train/curriculum"] = float(step <= s.cfg.training.curriculum.steps)
         s.trackers.log(scalars, step)
         bar.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{scalars['train/lr']:.2e}",
                         pts_s=f"{scalars['train/points_per_s']:.3g}")
