@@ -40,6 +40,8 @@ CASES: dict[str, tuple[str, str, int, int, int]] = {
     "tiny": ("quick_test", "tiny", 16, 300, 60),
     "small": ("quick_test", "small", 32, 300, 30),
     "medium": ("standard", "medium", 8, 500, 8),
+    # cpu_reference's own steps: its curriculum's small sets, where fixed costs weigh most
+    "reference_n100": ("cpu_reference", "small", 32, 100, 100),
 }
 LOG_EVERY = 5
 
@@ -51,6 +53,7 @@ def case_config(name: str, base_dir: Path) -> ExperimentConfig:
         f"metadata.exp_name=bench-{name}", "training.num_epochs=1",
         f"training.steps_per_epoch={steps + LOG_EVERY}", f"training.batch_size={batch}",
         "training.gradient_accumulation_steps=1", "training.scheduler.warmup_steps=0",
+        "training.curriculum.steps=0",
         f'data.sample_count_distribution={{"type": "fixed", "value": {points}}}',
         "validation.every_n_steps=0", "validation.num_sets=8", "validation.batch_size=8",
         "validation.baselines=[]", "validation.visualization.enabled=false",

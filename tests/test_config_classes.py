@@ -90,16 +90,18 @@ def test_every_problem_reported_at_once_with_paths() -> None:
     assert len(problems) == 5
 
 
-@pytest.mark.parametrize(("section", "bad"), [
-    ("cluster_params", {"type": "uniform", "min": 1, "max": 4}),   # K >= 2
-    ("cluster_params", {"type": "poisson", "rate": 3}),             # unbounded
-    ("sample_count_distribution", {"type": "fixed", "value": 0}),   # N >= 1
-    ("cluster_params", {"type": "uniform", "min": 2.3, "max": 2.7}),  # no integer inside
+@pytest.mark.parametrize(("section", "bad", "fix"), [
+    ("cluster_params", {"type": "uniform", "min": 1, "max": 4}, "set min >= 2"),
+    ("cluster_params", {"type": "poisson", "rate": 3}, "use a type with max"),
+    ("sample_count_distribution", {"type": "fixed", "value": 0}, "set value >= 1"),
+    ("sample_count_distribution", {"type": "normal", "mean": 9, "std": 1}, "with min"),
+    ("cluster_params", {"type": "uniform", "min": 2.3, "max": 2.7}, "no integer between"),
 ])
-def test_data_rules(section: str, bad: dict) -> None:
+def test_data_rules(section: str, bad: dict, fix: str) -> None:
     data = ExperimentConfig().to_dict()
     data["data"][section] = bad
-    assert any(f"$.data.{section}" in p for p in problems_of(data))
+    mine = [p for p in problems_of(data) if f"$.data.{section}" in p]
+    assert mine and any(fix in p for p in mine), mine
 
 
 @pytest.mark.parametrize(("spec", "message"), [

@@ -91,7 +91,9 @@ def count_problems(spec: DistributionSpec, lowest: int) -> list[str]:
     lo, hi = spec.support()
     out = []
     if lo < lowest:
-        out.append(f"can draw {lo:g}, but must stay >= {lowest}; use a type with min")
+        fix = {"fixed": f"set value >= {lowest}", "choice": f"use values >= {lowest}"}.get(
+            spec.type, "use a type with min" if spec.min is None else f"set min >= {lowest}")
+        out.append(f"can draw {lo:g}, but must stay >= {lowest}; {fix}")
     if math.isinf(hi):
         out.append("is unbounded; use a type with max (e.g. truncated_poisson)")
     elif math.ceil(lo) > math.floor(hi):
