@@ -56,7 +56,8 @@ def case_config(name: str, base_dir: Path) -> ExperimentConfig:
         "training.curriculum.steps=0",
         f'data.sample_count_distribution={{"type": "fixed", "value": {points}}}',
         "validation.every_n_steps=0", "validation.num_sets=8", "validation.batch_size=8",
-        "validation.baselines=[]", "validation.visualization.enabled=false",
+        "validation.baselines=[]", "validation.metrics=[\"mse\"]",
+        "validation.visualization.enabled=false",
         "training.checkpointing.every_n_steps=0", "training.ema.enabled=false",
         f"logging.log_every_n_steps={LOG_EVERY}", "logging.progress_bar=false",
         "logging.wandb.enabled=false", "logging.console_level=warning"]).config
