@@ -84,6 +84,10 @@ def test_data_param_names_become_explicit_dicts() -> None:
     assert named.training.curriculum.sample_count_distribution.value == 100
     assert named.to_dict()["training"]["curriculum"]["sample_count_distribution"] == {
         "type": "fixed", "value": 100.0}
+    with pytest.raises(ConfigError, match=r"'tiny'.*@ \$\.training\.curriculum\."
+                       r"sample_count_distribution"):
+        resolve_config("quick_test",
+                       overrides=["training.curriculum.sample_count_distribution=tiny"])
 
 
 def test_layer_order() -> None:

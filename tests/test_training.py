@@ -364,7 +364,7 @@ def test_curriculum_draws_small_sets_first_and_resumes_exactly(
         return batch
 
     monkeypatch.setattr(GMMSampler, "batch", recording_batch)
-    curriculum = ("training.curriculum.steps=3",
+    curriculum = ("training.curriculum.steps=3", "logging.log_every_n_steps=10",
                   'training.curriculum.sample_count_distribution={"type": "fixed", "value": 10}')
     ExperimentManager(small_config(tmp_path / "straight", *curriculum)).run()
     train = [(step, n) for stream, step, n in drawn if stream == TRAIN_STREAM]
@@ -372,8 +372,8 @@ def test_curriculum_draws_small_sets_first_and_resumes_exactly(
     assert {n for stream, _, n in drawn if stream != TRAIN_STREAM} == {40}  # validation: data
     assert "curriculum done at step 3" in (only_run(tmp_path / "straight") / "train.log"
                                            ).read_text()
-    assert logged(only_run(tmp_path / "straight"), "train/curriculum") == [
-        (1, 1.0), (2, 1.0), (3, 1.0), (4, 0.0)]
+    # Logged every 10 steps, a window still ends where the curriculum does.
+    assert logged(only_run(tmp_path / "straight"), "train/curriculum") == [(3, 1.0), (4, 0.0)]
 
     # Stopped inside the curriculum and resumed, the run is the same run.
     split = tmp_path / "split"
@@ -382,6 +382,15 @@ def test_curriculum_draws_small_sets_first_and_resumes_exactly(
     a = load_file(str(only_run(tmp_path / "straight") / "final" / "model.safetensors"))
     b = load_file(str(only_run(split) / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_curriculum_of_larger_sets_is_warned_about(tmp_path: Path) -> None:
+    ExperimentManager(small_config(
+        tmp_path, "training.curriculum.steps=1",
+        'training.curriculum.sample_count_distribution={"type": "fixed", "value": 60}'),
+        stop_after_steps=1).run()
+    assert "up to 60 points per set, more than the data prior's 40" in (
+        only_run(tmp_path) / "train.log").read_text()
 
 
 SHRINK = ["--device", "cpu", "--set", "training.num_epochs=2", "--set",

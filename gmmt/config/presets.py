@@ -141,8 +141,11 @@ class PresetStore:
         return body
 
     def resolve_data_params(self, layer: dict[str, Any]) -> dict[str, Any]:
-        """Replace data-parameter preset names (``"cluster_params": "few"``) by their dicts,
-        in ``data`` and in ``training.curriculum`` (its set sizes)."""
+        """Replace data-parameter preset names (``"few"``) by their dicts.
+
+        Names are looked up in ``data`` and in ``training.curriculum`` (its set sizes); an
+        unknown name is reported at its path.
+        """
         out = copy.deepcopy(layer)
         for path in (("data",), ("training", "curriculum")):
             section = out
@@ -152,7 +155,12 @@ class PresetStore:
                 continue
             for field in DATA_PARAM_FIELDS:
                 if isinstance(section.get(field), str):
-                    section[field] = self.resolve(f"data_params/{field}", section[field])
+                    try:
+                        section[field] = self.resolve(f"data_params/{field}", section[field])
+                    except ConfigError as err:
+                        where = ".".join((*path, field))
+                        raise ConfigError([f"{p} @ $.{where}" for p in err.problems],
+                                          err.title) from None
         return out
 
 

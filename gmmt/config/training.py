@@ -97,12 +97,13 @@ class EarlyStoppingConfig:
 
 @config_class
 class CurriculumConfig:
-    """Start on smaller sets: the first ``steps`` optimizer steps draw each batch's N from
-    ``sample_count_distribution`` instead of ``data.sample_count_distribution``.
+    """Smaller sets first: the first ``steps`` steps draw N from their own distribution.
 
-    Attention costs N^2 while the model is the same function of every N, so early steps on small
-    sets buy more updates per second; the steps after them adapt it to the sets it is judged on.
-    Validation always uses the data prior.
+    Those optimizer steps draw each batch's N from ``sample_count_distribution`` instead of
+    ``data.sample_count_distribution``. Attention costs N^2 while the model is the same function
+    of every N, so early steps on small sets buy more updates per second; the steps after them
+    adapt it to the sets it is judged on. Validation always uses the data prior. Like the epoch
+    count, it may change on resume (the change is printed); steps already run stay as drawn.
     """
 
     steps: int = setting(0, "optimizer steps drawn from the distribution below (0: off)",
@@ -114,6 +115,10 @@ class CurriculumConfig:
     def _problems(self) -> list[tuple[str, str]]:
         return [("sample_count_distribution", message)
                 for message in count_problems(self.sample_count_distribution, 1)]
+
+    def covers(self, step_index: int) -> bool:
+        """Whether optimizer step ``step_index`` (0-based) draws the curriculum's set sizes."""
+        return step_index < self.steps
 
 
 @config_class
@@ -165,5 +170,5 @@ class TrainingConfig:
                         f"run's {self.total_steps} optimizer steps"))
         if self.curriculum.steps > self.total_steps:
             out.append(("curriculum.steps", f"{self.curriculum.steps} exceeds the run's "
-                        f"{self.total_steps} optimizer steps"))
+                        f"{self.total_steps} optimizer steps; lower it (0 turns it off)"))
         return out

@@ -151,6 +151,10 @@ class ExperimentManager:
             log.info("curriculum: the first %d steps draw N from %s", curriculum.steps,
                      json.dumps(attrs.asdict(curriculum.sample_count_distribution,
                                              filter=lambda _a, v: v is not None)))
+            if curriculum_sampler.config.max_points > cfg.data.max_points:
+                log.warning("the curriculum draws up to %d points per set, more than the data "
+                            "prior's %d: its steps are dearer, not cheaper",
+                            curriculum_sampler.config.max_points, cfg.data.max_points)
         bank = validation_bank(cfg.data, cfg.device.seed, cfg.validation.num_sets,
                                cfg.validation.batch_size, acc.device)
         # Sharded models run every forward on every rank together: each evaluates all of it.
@@ -215,7 +219,10 @@ class ExperimentManager:
             if step == cfg.training.curriculum.steps:
                 log.info("curriculum done at step %d: N now follows data.sample_count_distribution",
                          step)
-            if step % cfg.logging.log_every_n_steps == 0 or step == total:
+            # A log window also ends at the curriculum's last step: no window mixes set sizes,
+            # and the plot can shade exactly the curriculum's steps.
+            if (step % cfg.logging.log_every_n_steps == 0 or step == total
+                    or step == cfg.training.curriculum.steps):
                 self._log_training(s, window, grad_norm, bar)
             every = cfg.validation.every_n_steps
             if every and step % every == 0 and step != total and self._validate(s, step)[1]:
@@ -245,7 +252,7 @@ class ExperimentManager:
         accum = tcfg.gradient_accumulation_steps
         step = state["step"]
         for micro in range(accum):
-            sampler = s.curriculum_sampler if step < tcfg.curriculum.steps else s.sampler
+            sampler = s.curriculum_sampler if tcfg.curriculum.covers(step) else s.sampler
             batch = sampler.batch(step * accum + micro, tcfg.batch_size, acc.process_index)
             with nullcontext() if micro == accum - 1 else acc.no_sync(s.model):
                 pred, snr_estimate = s.model(batch.points, batch.mask, batch.snr_db,
@@ -301,8 +308,9 @@ class ExperimentManager:
                    "train/grad_norm": float(grad_norm),
                    "train/points_per_s": float(window["points"]) / elapsed,
                    "train/epoch": step / s.cfg.training.steps_per_epoch}
-        if s.cfg.training.curriculum.steps:  # 1 while steps draw the curriculum's set sizes
-            scalars["train/curriculum"] = float(step <= s.cfg.training.curriculum.steps)
+        curriculum = s.cfg.training.curriculum
+        if curriculum.steps:  # 1 while steps draw the curriculum's set sizes
+            scalars["train/curriculum"] = float(curriculum.covers(step - 1))
         s.trackers.log(scalars, step)
         bar.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{scalars['train/lr']:.2e}",
                         pts_s=f"{scalars['train/points_per_s']:.3g}")
