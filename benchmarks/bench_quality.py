@@ -11,13 +11,14 @@ prior.
 The question it answers: does the model, which is not told K, beat EM given the true K
 (``gap_closed > 0``), and how far is it from the Bayes-optimal oracle?
 
-Usage: ``python benchmarks/bench_quality.py [--run RUN_DIR] [--num-sets 2048]
-[--data-preset simple] [--set-sizes 100 500] [--json]``
+Usage: ``python benchmarks/bench_quality.py [--run RUN_DIR | --set KEY=VALUE ...]
+[--num-sets 2048] [--data-preset simple] [--set-sizes 100 500] [--json]``
 """
 
 import argparse
 import io
 import json
+import sys
 import time
 from contextlib import redirect_stdout
 from datetime import date
@@ -31,6 +32,7 @@ from gmmt import load_model
 from gmmt.config.converter import check
 from gmmt.config.data import DistributionSpec
 from gmmt.config.experiment import ExperimentConfig
+from gmmt.config.fields import ConfigError
 from gmmt.config.presets import resolve_config
 from gmmt.config.validation import EMConfig
 from gmmt.evaluate import evaluate as run_evaluation
@@ -41,9 +43,9 @@ from gmmt.training.experiment import ExperimentManager
 METHODS = ("model", "oracle", "em", "kmeans", "identity")
 
 
-def train(base_dir: Path) -> tuple[Path, float]:
-    config = resolve_config("cpu_reference", overrides=[f"paths.base_dir={base_dir}",
-                                                        "logging.progress_bar=false"]).config
+def train(base_dir: Path, overrides: list[str]) -> tuple[Path, float]:
+    config = resolve_config("cpu_reference", overrides=[
+        f"paths.base_dir={base_dir}", "logging.progress_bar=false", *overrides]).config
     start = time.time()
     summary = ExperimentManager(config).run()
     return Path(summary["run_dir"]), time.time() - start
@@ -134,12 +136,18 @@ def main() -> None:
     parser.add_argument("--set-sizes", type=int, nargs="*", default=[100, 500],
                         help="also score on the prior with N fixed at each size "
                              "(default: 100 500; none to skip)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override the trained preset, as gmmt.run --set (repeatable; "
+                             "e.g. device.seed=43 for a seed repeat)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.run is not None and args.overrides:
+        parser.error("--set changes a new training run; it cannot apply to --run")
     train_s = None
     run_dir = args.run
     if run_dir is None:
-        run_dir, train_s = train(args.base_dir)
+        run_dir, train_s = train(args.base_dir, args.overrides)
     result = evaluate(run_dir, args.num_sets, args.data_preset)
     saved, model = load_run(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -182,4 +190,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # a bad --set or --set-sizes: one screen, no traceback
+        print(f"bench_quality: {err}", file=sys.stderr)
+        sys.exit(2)
