@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
+from gmmt.config.converter import unstructure
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.fields import ConfigError
 from gmmt.config.overrides import format_diff
@@ -149,8 +150,7 @@ class ExperimentManager:
             cfg.device.seed, acc.device)
         if curriculum.steps:
             log.info("curriculum: the first %d steps draw N from %s", curriculum.steps,
-                     json.dumps(attrs.asdict(curriculum.sample_count_distribution,
-                                             filter=lambda _a, v: v is not None)))
+                     json.dumps(unstructure(curriculum.sample_count_distribution)))
             if curriculum_sampler.config.max_points > cfg.data.max_points:
                 log.warning("the curriculum draws up to %d points per set, more than the data "
                             "prior's %d: its steps are dearer, not cheaper",
