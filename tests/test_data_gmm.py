@@ -1,5 +1,6 @@
 """The batched GMM set generator follows DESIGN.md §1 and is a pure function of its inputs."""
 
+import dataclasses
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from gmmt.config.data import DataConfig, DistributionSpec
 from gmmt.config.presets import resolve_config
-from gmmt.data.batch import GMMBatch
+from gmmt.data.batch import GMMBatch, posterior_logits
 from gmmt.data.gmm import (
     GMMSampler,
     derive_seed,
@@ -216,3 +217,93 @@ def test_posterior_mean_target_differs_from_centre_by_a_constant_in_expectation(
     noise = (posterior - centre).square().mean().item()
     assert noise > 0.05 * batch.signal_var.mean().item()  # the targets do differ at 3 dB
     assert max(gaps) - min(gaps) < 0.05 * noise  # a wrong sigma (x0.7 or x1.5) gives > 0.4
+
+
+def _labelled_posterior_mean_by_loop(batch: GMMBatch) -> torch.Tensor:
+    """The labelled posterior mean point by point, straight from its definition."""
+    out = torch.zeros_like(batch.points)
+    d = batch.points.shape[-1]
+    for s in range(batch.num_sets):
+        sigma2 = float(batch.sigma[s]) ** 2
+        ratio = sigma2 / float(batch.centre_scale[s]) ** 2
+        real = range(batch.points.shape[1]) if batch.mask is None else \
+            [int(j) for j in batch.mask[s].nonzero()]
+        for i in real:
+            x = batch.points[s, i]
+            logits, means = [], []
+            for k in range(batch.centres.shape[1]):
+                others = [j for j in real if j != i and int(batch.labels[s, j]) == k]
+                rest = batch.points[s, others].sum(0) if others else torch.zeros_like(x)
+                a = len(others) + ratio
+                var = sigma2 * (1 + 1 / a)
+                weight = float(batch.weights[s, k])
+                logits.append(math.log(weight) - 0.5 * d * math.log(var)
+                              - float((x - rest / a).square().sum()) / (2 * var)
+                              if weight > 0 else -math.inf)
+                means.append((rest + x) / (a + 1))
+            resp = torch.softmax(torch.tensor(logits, dtype=x.dtype), 0)
+            out[s, i] = sum(r * m for r, m in zip(resp, means, strict=True))
+    return out
+
+
+def test_labelled_posterior_mean_matches_its_definition_with_padding() -> None:
+    # Ragged sets (padded points) with K 2-4 of 4 (padded components), few points per set so
+    # that singletons and empty components occur.
+    config = DataConfig(ragged=True, sample_count_distribution=_uniform(2, 9),
+                        cluster_params=_uniform(2, 4), snr_db_params=_uniform(0, 10))
+    batch = sample_gmm_batch(config, 12, make_generator(4), dtype=torch.float64)
+    assert not bool(batch.mask.all()) and bool((batch.k < 4).any())
+    got = batch.labelled_posterior_mean
+    torch.testing.assert_close(got, _labelled_posterior_mean_by_loop(batch))
+    assert bool((got[~batch.mask] == 0).all())
+
+
+def test_labelled_posterior_mean_is_the_sample_mean_of_a_clear_cluster() -> None:
+    # 30 dB, 200 points: nearly every label is certain, and for those points the target is
+    # the point's cluster mean, shrunk towards the prior's 0 by sigma^2 / s^2 pseudo-points.
+    config = DataConfig(snr_db_params=_fixed(30.0), sample_count_distribution=_fixed(200),
+                        weight_concentration=50.0)
+    batch = sample_gmm_batch(config, 16, make_generator(0), dtype=torch.float64)
+    own = torch.nn.functional.one_hot(batch.labels, config.max_clusters).double()
+    ratio = (batch.sigma / batch.centre_scale).square().view(-1, 1, 1)
+    shrunk_means = (own.transpose(1, 2) @ batch.points) / (own.sum(1).unsqueeze(-1) + ratio)
+    expected = torch.gather(shrunk_means, 1, batch.labels.unsqueeze(-1).expand(-1, -1, 2))
+    clear = torch.softmax(posterior_logits(batch.points, batch.centres, batch.weights,
+                                           batch.sigma), -1).amax(-1) > 1 - 1e-12
+    assert float(clear.double().mean()) > 0.95
+    torch.testing.assert_close(batch.labelled_posterior_mean[clear], expected[clear])
+    # ... which is not the true centre: the sample mean's own error is gone from the target.
+    assert float((batch.target - expected).norm(dim=-1).div(batch.sigma.view(-1, 1)).mean()) > 0.03
+
+
+def test_labelled_posterior_mean_target_has_the_same_minimiser() -> None:
+    # As for posterior_mean above, but the predictors may only use the points: the target
+    # conditions on the other points' labels, which a predictor cannot see. The sets are drawn
+    # with sigma independent of the centres, where the target is the exact conditional mean
+    # (the generator ties sigma to the centres' spread through the SNR; see the property).
+    g = torch.Generator().manual_seed(5)
+    config = DataConfig(snr_db_params=_fixed(3.0), sample_count_distribution=_fixed(8))
+    batch = sample_gmm_batch(config, 4000, make_generator(0), dtype=torch.float64)
+    batch.sigma = 0.3 + 0.4 * torch.rand(batch.sigma.shape, generator=g, dtype=torch.float64)
+    batch.points = batch.target + batch.sigma.view(-1, 1, 1) * torch.randn(
+        batch.points.shape, generator=g, dtype=torch.float64)
+    points, centre = batch.points, batch.target
+    set_mean = points.mean(1, keepdim=True).expand_as(points)
+    predictors = (points, 0.5 * points + 0.5 * set_mean, torch.zeros_like(points), set_mean)
+
+    def spread(target: torch.Tensor) -> float:
+        gaps = [((p - centre).square().mean() - (p - target).square().mean()).item()
+                for p in predictors]
+        return (max(gaps) - min(gaps)) / (target - centre).square().mean().item()
+
+    assert spread(batch.labelled_posterior_mean) < 0.1
+    # The check has teeth: a 20 % wrong sigma or a 30 % narrower prior gives > 0.7.
+    assert spread(dataclasses.replace(batch, sigma=1.2 * batch.sigma).labelled_posterior_mean) > 0.5
+    assert spread(dataclasses.replace(batch, centre_scale=0.7 * batch.centre_scale)
+                  .labelled_posterior_mean) > 0.5
+
+
+def test_labelled_posterior_mean_needs_the_centre_scale() -> None:
+    batch = dataclasses.replace(_draw(DataConfig(), 2), centre_scale=None)
+    with pytest.raises(ValueError, match="centre_scale"):
+        _ = batch.labelled_posterior_mean

@@ -110,6 +110,17 @@ def test_posterior_mean_target_scores_the_oracle_zero() -> None:
                                mse_per_set(batch.points, oracle))
 
 
+def test_labelled_posterior_mean_target_scores_itself_zero() -> None:
+    batch = make_batch(seed=4)
+    batch.centre_scale = torch.full((3,), 2.0, dtype=DTYPE)  # make_batch's centres: N(0, 2^2)
+    labelled = LossConfig(target="labelled_posterior_mean")
+    target = batch.labelled_posterior_mean
+    assert torch.equal(loss_per_set(labelled, target, batch), torch.zeros(3, dtype=DTYPE))
+    assert loss_per_set(LossConfig(target="posterior_mean"), target, batch).sum() > 0
+    torch.testing.assert_close(loss_per_set(labelled, batch.points, batch),
+                               mse_per_set(batch.points, target))
+
+
 def test_energy_zero_when_cloud_matches_weighted_centres() -> None:
     centres = torch.tensor([[[0.0, 0.0], [3.0, 1.0], [-1.0, 2.0]]], dtype=DTYPE)
     weights = torch.tensor([[0.5, 0.25, 0.25]], dtype=DTYPE)

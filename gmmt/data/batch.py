@@ -56,6 +56,7 @@ class GMMBatch:
     snr_db: torch.Tensor  # [b] float
     k: torch.Tensor  # [b] long, number of real components
     mask: torch.Tensor | None = None  # [b, n] bool, True = real point
+    centre_scale: torch.Tensor | None = None  # [b] float, centres were drawn from N(0, s^2 I)
 
     @property
     def num_sets(self) -> int:
@@ -77,6 +78,56 @@ class GMMBatch:
             x = x.masked_fill(~self.mask.unsqueeze(-1), 0.0)
         resp = torch.softmax(posterior_logits(x, self.centres, self.weights, self.sigma), -1)
         mean = resp @ self.centres.to(x.dtype)
+        if self.mask is not None:
+            mean = mean.masked_fill(~self.mask.unsqueeze(-1), 0.0)
+        return mean.to(self.points.dtype)
+
+    @property
+    def labelled_posterior_mean(self) -> torch.Tensor:
+        """Each point's posterior-mean centre given all points, the *other* points' labels,
+        the true weights and sigma, under the centres' prior N(0, centre_scale^2 I), [b, n, d].
+
+        Like ``posterior_mean`` its expectation given the points alone is the Bayes estimate of
+        the point's centre, so it trains towards the same minimiser; unlike it, it does not
+        carry the true centres' offset from their clusters' sample means (on a well separated
+        cluster it is that cluster's sample mean, shrunk by the prior by ~1 / (n_k snr)).
+        Needs ``centre_scale``; padded points get 0. Computed in at least float32.
+
+        For point i and component k, with n' points and sum S' of the others labelled k and
+        a = n' + sigma^2 / s^2: the centre's posterior from the others is N(S' / a, sigma^2 / a),
+        point i's predictive is N(S' / a, sigma^2 (1 + 1 / a)), and if i belongs to k the
+        posterior mean is (S' + x_i) / (a + 1). The target mixes these over k by
+        pi_k x predictive density.
+        """
+        if self.centre_scale is None:
+            raise ValueError("labelled_posterior_mean needs the batch's centre_scale (batches "
+                             "from gmmt.data.sample_gmm_batch carry it)")
+        dtype = torch.promote_types(self.points.dtype, torch.float32)
+        x = self.points.to(dtype)
+        k_max, d = self.centres.shape[1], x.shape[-1]
+        own = torch.nn.functional.one_hot(self.labels, k_max).to(dtype)  # [b, n, k]
+        if self.mask is not None:
+            x = x.masked_fill(~self.mask.unsqueeze(-1), 0.0)
+            own = own * self.mask.unsqueeze(-1).to(dtype)
+        sigma2 = self.sigma.to(dtype).square().view(-1, 1, 1)
+        ratio = sigma2 / self.centre_scale.to(dtype).square().view(-1, 1, 1)
+
+        sums = own.transpose(1, 2) @ x  # [b, k, d]
+        x2 = x.square().sum(-1, keepdim=True)  # [b, n, 1]
+        x_dot_sums = x @ sums.transpose(1, 2)  # [b, n, k]
+        # The others' count, x_i . S' and |S'|^2 with point i taken out of its own component.
+        a = own.sum(1, keepdim=True) - own + ratio  # [b, n, k]
+        x_dot_rest = x_dot_sums - own * x2
+        rest2 = sums.square().sum(-1).unsqueeze(1) - 2 * own * x_dot_sums + own * x2
+        dist2 = (x2 - 2 * x_dot_rest / a + rest2 / a.square()).clamp_min(0.0)
+        var = sigma2 * (1 + 1 / a)
+        w = self.weights.to(dtype)
+        log_w = torch.where(w > 0, w, 1.0).log().masked_fill(w == 0, -math.inf).unsqueeze(1)
+        resp = torch.softmax(log_w - 0.5 * d * var.log() - dist2 / (2 * var), dim=-1)
+
+        # sum_k r_k (S_k - own_k x_i + x_i) / (a_k + 1), without a [b, n, k, d] tensor.
+        scale = resp / (a + 1)
+        mean = scale @ sums + x * (scale * (1 - own)).sum(-1, keepdim=True)
         if self.mask is not None:
             mean = mean.masked_fill(~self.mask.unsqueeze(-1), 0.0)
         return mean.to(self.points.dtype)

@@ -102,7 +102,8 @@ def sample_gmm_batch(config: DataConfig, batch_size: int, generator: torch.Gener
         labels = labels.masked_fill(~mask, 0)  # component 0 is always real
         points = points.masked_fill(~mask.unsqueeze(-1), 0.0)
     return GMMBatch(points=points, labels=labels, centres=centres, weights=weights, sigma=sigma,
-                    snr_db=snr_db, k=k, mask=mask)
+                    snr_db=snr_db, k=k, mask=mask,
+                    centre_scale=torch.full((b,), config.center_scale, device=device, dtype=dtype))
 
 
 def weighted_centre_variance(centres: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
