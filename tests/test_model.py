@@ -21,13 +21,14 @@ from gmmt.model.attention import (
     random_feature_attention,
     softmax_attention,
 )
+from gmmt.model.pooling import CentrePooling
 
 D, H, L, DIM = 8, 2, 3, 2  # tiny sizes: hidden width, heads, distinct blocks, point dims
 
 
 def tiny_config(attention: str = "softmax", encoder: str = "linear", target: str = "residual",
                 repetition: RepetitionConfig | None = None, flow: FlowConfig | None = None,
-                num_layers: int = L) -> ModelConfig:
+                num_layers: int = L, centre_pooling: bool = False) -> ModelConfig:
     return ModelConfig(
         encoder=encoder,
         transformer=TransformerConfig(
@@ -35,7 +36,7 @@ def tiny_config(attention: str = "softmax", encoder: str = "linear", target: str
             attention=AttentionConfig(type=attention, num_features=16),
             repetition=repetition or RepetitionConfig(),
             flow=flow or FlowConfig()),
-        prediction=PredictionConfig(target=target))
+        prediction=PredictionConfig(target=target, centre_pooling=centre_pooling))
 
 
 def randomized(model: GMMTransformer) -> GMMTransformer:
@@ -44,7 +45,7 @@ def randomized(model: GMMTransformer) -> GMMTransformer:
     model = model.double().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "decoder" in name or "gain" in name or "slope" in name:
+            if any(part in name for part in ("decoder", "gain", "slope", "pooling")):
                 p.copy_(0.3 * torch.randn_like(p))
     return model
 
@@ -63,20 +64,24 @@ def sets(b: int = 2, n: int = 7, seed: int = 0) -> torch.Tensor:
 # Symmetries.
 
 
-@pytest.mark.parametrize(("attention", "encoder"), [
-    ("softmax", "linear"), ("random_feature", "linear"), ("softmax", "orthogonal")])
-def test_permuting_points_permutes_predictions(attention: str, encoder: str) -> None:
-    model = make(attention=attention, encoder=encoder,
+@pytest.mark.parametrize(("attention", "encoder", "centre_pooling"), [
+    ("softmax", "linear", False), ("random_feature", "linear", False),
+    ("softmax", "orthogonal", False), ("softmax", "linear", True)])
+def test_permuting_points_permutes_predictions(attention: str, encoder: str,
+                                               centre_pooling: bool) -> None:
+    model = make(attention=attention, encoder=encoder, centre_pooling=centre_pooling,
                  flow=FlowConfig(enabled=True, snr_source="estimated"))
     x = sets()
     perm = torch.randperm(x.shape[1])
     assert torch.allclose(model(x)[:, perm], model(x[:, perm]), atol=1e-10)
 
 
-@pytest.mark.parametrize(("encoder", "target"), [
-    ("linear", "residual"), ("linear", "centre"), ("orthogonal", "residual")])
-def test_translation_and_scale_equivariance(encoder: str, target: str) -> None:
-    model = make(encoder=encoder, target=target)
+@pytest.mark.parametrize(("encoder", "target", "centre_pooling"), [
+    ("linear", "residual", False), ("linear", "centre", False), ("orthogonal", "residual", False),
+    ("linear", "residual", True), ("linear", "centre", True)])
+def test_translation_and_scale_equivariance(encoder: str, target: str,
+                                            centre_pooling: bool) -> None:
+    model = make(encoder=encoder, target=target, centre_pooling=centre_pooling)
     x = sets()
     shift = torch.tensor([3.0, -7.5], dtype=torch.float64)
     scale = torch.tensor([0.05, 40.0], dtype=torch.float64)[:, None, None]  # one per set
@@ -98,9 +103,11 @@ def test_model_is_not_trivially_equivariant() -> None:
 # Padding.
 
 
-@pytest.mark.parametrize("attention", ["softmax", "random_feature"])
-def test_padded_points_do_not_change_real_points(attention: str) -> None:
-    model = make(attention=attention, flow=FlowConfig(enabled=True, snr_source="estimated"))
+@pytest.mark.parametrize(("attention", "centre_pooling"), [
+    ("softmax", False), ("random_feature", False), ("softmax", True)])
+def test_padded_points_do_not_change_real_points(attention: str, centre_pooling: bool) -> None:
+    model = make(attention=attention, centre_pooling=centre_pooling,
+                 flow=FlowConfig(enabled=True, snr_source="estimated"))
     full, short = sets(1, 9, seed=1), sets(1, 5, seed=2)
     # Pad the short set to 9 points with garbage, including NaN and huge values.
     padded = torch.cat([short, torch.randn(1, 4, DIM, dtype=torch.float64) * 1e6], dim=1)
@@ -255,13 +262,55 @@ def test_random_feature_module_matches_softmax_module_with_shared_weights() -> N
 
 
 # --------------------------------------------------------------------------------------------
+# Centre pooling.
+
+
+def two_clusters(n_each: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One set of two far apart clusters: points [1, 2 n, 2], labels [2 n], centres [2, 2]."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-5.0, 0.0], [5.0, 1.0]], dtype=torch.float64)
+    labels = torch.arange(2).repeat_interleave(n_each)
+    points = centres[labels] + 0.3 * torch.randn(2 * n_each, DIM, generator=g,
+                                                 dtype=torch.float64)
+    return points[None], labels, centres
+
+
+def test_centre_pooling_turns_collapsed_predictions_into_sample_means() -> None:
+    points, labels, centres = two_clusters()
+    predicted = (centres + torch.tensor([0.2, -0.1], dtype=torch.float64))[labels][None]
+    features = torch.zeros(1, points.shape[1], D, dtype=torch.float64)
+    pooling = CentrePooling(D).double()
+    sample_means = torch.stack([points[0, labels == k].mean(0) for k in range(2)])
+    with torch.no_grad():
+        pooling.gate.bias.fill_(40.0)  # gate open: the pooled value
+        torch.testing.assert_close(pooling(points, predicted, features)[0], sample_means[labels])
+        pooling.gate.bias.fill_(-40.0)  # gate shut: the predictions pass through
+        torch.testing.assert_close(pooling(points, predicted, features), predicted)
+
+
+def test_centre_pooling_runs_in_float32_under_autocast() -> None:
+    torch.manual_seed(0)
+    pooling = CentrePooling(D)
+    torch.nn.init.normal_(pooling.gate.weight)
+    points, labels, centres = two_clusters()
+    points, centres = points.float(), centres.float()
+    predicted = centres[labels][None] + 0.05 * torch.randn_like(points)
+    features = torch.randn(1, points.shape[1], D)
+    want = pooling(points, predicted, features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = pooling(points, predicted, features)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------------------------
 # Init and presets.
 
 
-@pytest.mark.parametrize("encoder", ["linear", "orthogonal"])
-def test_residual_model_is_the_identity_at_init(encoder: str) -> None:
+@pytest.mark.parametrize(("encoder", "centre_pooling"), [
+    ("linear", False), ("orthogonal", False), ("linear", True)])
+def test_residual_model_is_the_identity_at_init(encoder: str, centre_pooling: bool) -> None:
     torch.manual_seed(0)
-    model = build_model(tiny_config(encoder=encoder), DIM).double()
+    model = build_model(tiny_config(encoder=encoder, centre_pooling=centre_pooling), DIM).double()
     x = sets()
     assert torch.allclose(model(x), x, atol=1e-12)
 

@@ -121,6 +121,10 @@ class PredictionConfig:
         "residual", "residual: output is a correction added to the (normalised) input point")
     set_normalization: bool = setting(
         True, "subtract the set mean and divide by the set scale (undone at the output)")
+    centre_pooling: bool = setting(
+        False, "finish by averaging the input points whose predicted centres lie near each "
+        "point's own (Gaussian kernel, learned bandwidth in units of the set's residual scale), "
+        "mixed in by a learned per-point gate: exact sample means on well separated clusters")
 
 
 @config_class

@@ -2,7 +2,8 @@
 
 points -> set normalisation -> encoder -> pre-LN blocks (run in ``block_schedule`` order, with
 shared weights when repeated, each step scaled by the flow speed s) -> final LayerNorm ->
-decoder -> (+ normalised input, in residual mode) -> undo the normalisation.
+decoder -> (+ normalised input, in residual mode) -> (centre pooling, if enabled) -> undo the
+normalisation.
 
 Shape legend: b sets, n points, d dims, D hidden width, L distinct blocks. ``mask`` is [b, n]
 bool (True = real point) or ``None`` when every set is full.
@@ -19,6 +20,7 @@ from torch.nn.utils.parametrizations import orthogonal
 from gmmt.config.model import ModelConfig, TransformerConfig
 from gmmt.model.attention import SetAttention
 from gmmt.model.flow import FlowSpeed
+from gmmt.model.pooling import CentrePooling
 from gmmt.model.sets import denormalize_set, normalize_set, zero_padding
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -112,6 +114,7 @@ class GMMTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(t, t.attention.feature_seed + i)
                                     for i in range(t.num_layers))
         self.ln_f = nn.LayerNorm(t.hidden_dim, eps=t.norm_eps)
+        self.pooling = CentrePooling(t.hidden_dim) if config.prediction.centre_pooling else None
         self.flow = (FlowSpeed(t.flow, input_dim, t.num_layers, self.schedule)
                      if t.flow.enabled else None)
         # GPT-2 style: shrink the residual-branch outputs with the effective depth, so the
@@ -156,9 +159,12 @@ class GMMTransformer(nn.Module):
         h = self.codec.encode(z)  # [b, n, D]
         for i in self.schedule:
             h = self.blocks[i](h, mask, None if speeds is None else speeds[:, i])
-        out = self.codec.decode(self.ln_f(h))  # [b, n, d]
+        features = self.ln_f(h)
+        out = self.codec.decode(features)  # [b, n, d]
         if self.residual:
             out = z + out
+        if self.pooling is not None:
+            out = self.pooling(z, out, features, mask)
         if self.set_normalization:
             out = denormalize_set(out, mean, scale)
         out = zero_padding(out, mask)
