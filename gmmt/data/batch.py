@@ -93,6 +93,11 @@ class GMMBatch:
         cluster it is that cluster's sample mean, shrunk by the prior by ~1 / (n_k snr)).
         Needs ``centre_scale``; padded points get 0. Computed in at least float32.
 
+        It is the exact conditional mean when sigma is drawn independently of the centres.
+        ``sample_gmm_batch`` sets sigma from the centres' spread and the SNR, a link this
+        prior leaves out; the bias that leaves shrinks with the cluster sizes (measured in
+        benchmarks/README.md, "The labelled target").
+
         For point i and component k, with n' points and sum S' of the others labelled k and
         a = n' + sigma^2 / s^2: the centre's posterior from the others is N(S' / a, sigma^2 / a),
         point i's predictive is N(S' / a, sigma^2 (1 + 1 / a)), and if i belongs to k the
