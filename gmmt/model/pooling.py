@@ -53,12 +53,9 @@ class CentrePooling(nn.Module):
             precision = 1.0 / (torch.exp(2 * self.log_bandwidth) * noise_var)  # [b, 1, 1]
             # -|c_i - c_j|^2 / 2 up to a per-query constant, as one dot product:
             # [c_i, 1] . [c_j, -|c_j|^2 / 2] = c_i . c_j - |c_j|^2 / 2.
-            # The predictions only choose whom to average with: no gradient reshapes them for
-            # the kernel, so they keep being trained as centres.
-            near = c32.detach()
-            ones = torch.ones_like(near[..., :1])
-            query = torch.cat([near, ones], dim=-1) * precision
-            key = torch.cat([near, -0.5 * near.square().sum(dim=-1, keepdim=True)], dim=-1)
+            ones = torch.ones_like(c32[..., :1])
+            query = torch.cat([c32, ones], dim=-1) * precision
+            key = torch.cat([c32, -0.5 * c32.square().sum(dim=-1, keepdim=True)], dim=-1)
             attn_mask = None if mask is None else key_padding_mask(mask)
             pooled = F.scaled_dot_product_attention(
                 query.unsqueeze(1), key.unsqueeze(1), z32.unsqueeze(1), attn_mask=attn_mask,
