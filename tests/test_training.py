@@ -62,6 +62,19 @@ def test_run_writes_the_run_folder(tmp_path: Path) -> None:
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
+def test_centre_pooling_with_the_labelled_target_trains_and_reloads(tmp_path: Path) -> None:
+    config = helpers.small_config(tmp_path, "model.prediction.centre_pooling=true",
+                                  "training.loss.target=labelled_posterior_mean")
+    summary = ExperimentManager(config).run()
+    assert summary["steps"] == 4 and 0 < summary["model"]["mse"] < float("inf")
+    run = only_run(tmp_path)
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    assert {"pooling.log_bandwidth", "pooling.gate.weight", "pooling.gate.bias"} <= weights.keys()
+    assert float(weights["pooling.gate.bias"]) != -2.0  # trained, not left at its start
+    model = gmmt.load_model(run / "final")
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
 def test_resume_is_bit_identical(tmp_path: Path) -> None:
     straight = tmp_path / "straight"
     ExperimentManager(small_config(straight)).run()
