@@ -46,22 +46,22 @@ class CentrePooling(nn.Module):
         # Kernel logits reach |c|^2 / s^2 ~ 10^3: bf16 or fp16 would scramble them.
         dtype = torch.promote_types(centres.dtype, torch.float32)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            z32, c32 = z.to(dtype), centres.to(dtype)
-            residual = (z32 - c32).square().mean(dim=-1, keepdim=True)  # [b, n, 1]
+            z_work, c_work = z.to(dtype), centres.to(dtype)
+            residual = (z_work - c_work).square().mean(dim=-1, keepdim=True)  # [b, n, 1]
             # The scale is a property of the set, not something to fit the centres towards.
             noise_var = masked_mean(residual, mask).detach().clamp_min(MIN_RESIDUAL_VAR)
             precision = 1.0 / (torch.exp(2 * self.log_bandwidth) * noise_var)  # [b, 1, 1]
             # -|c_i - c_j|^2 / 2 up to a per-query constant, as one dot product:
             # [c_i, 1] . [c_j, -|c_j|^2 / 2] = c_i . c_j - |c_j|^2 / 2.
-            ones = torch.ones_like(c32[..., :1])
-            query = torch.cat([c32, ones], dim=-1) * precision
-            key = torch.cat([c32, -0.5 * c32.square().sum(dim=-1, keepdim=True)], dim=-1)
+            ones = torch.ones_like(c_work[..., :1])
+            query = torch.cat([c_work, ones], dim=-1) * precision
+            key = torch.cat([c_work, -0.5 * c_work.square().sum(dim=-1, keepdim=True)], dim=-1)
             attn_mask = None if mask is None else key_padding_mask(mask)
             pooled = F.scaled_dot_product_attention(
-                query.unsqueeze(1), key.unsqueeze(1), z32.unsqueeze(1), attn_mask=attn_mask,
+                query.unsqueeze(1), key.unsqueeze(1), z_work.unsqueeze(1), attn_mask=attn_mask,
                 scale=1.0).squeeze(1)
             gate = torch.sigmoid(self.gate(features.to(dtype)))
-            return (c32 + gate * (pooled - c32)).to(centres.dtype)
+            return (c_work + gate * (pooled - c_work)).to(centres.dtype)
 
     def extra_repr(self) -> str:
         return f"bandwidth={math.exp(float(self.log_bandwidth.detach())):.3g}"
