@@ -24,6 +24,12 @@ def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.baddbmm(x2 + c2, x, c.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
 
 
+def safe_log(w: torch.Tensor) -> torch.Tensor:
+    """log w with -inf (and no NaN gradient) where w == 0: zero-weight, i.e. padded, entries."""
+    zero = w == 0
+    return torch.where(zero, torch.ones_like(w), w).log().masked_fill(zero, -math.inf)
+
+
 def posterior_logits(points: torch.Tensor, centres: torch.Tensor, weights: torch.Tensor,
                      sigma: torch.Tensor) -> torch.Tensor:
     """log pi_k - |x - mu_k|^2 / (2 sigma^2), [b, n, k]: each point's log posterior over the
@@ -34,7 +40,7 @@ def posterior_logits(points: torch.Tensor, centres: torch.Tensor, weights: torch
         points [b, n, d]; centres [b, k, d]; weights [b, k]; sigma [b].
     """
     mu, w = centres.to(points.dtype), weights.to(points.dtype)
-    log_w = torch.where(w > 0, w, 1.0).log().masked_fill(w == 0, -math.inf)
+    log_w = safe_log(w)
     # The Gaussian's normaliser is the same for every component (shared sigma): it cancels.
     scaled = squared_distances(points, mu) / (2 * sigma.to(points.dtype).square()).view(-1, 1, 1)
     return log_w.unsqueeze(1) - scaled
@@ -127,7 +133,7 @@ class GMMBatch:
         dist2 = (x2 - 2 * x_dot_rest / a + rest2 / a.square()).clamp_min(0.0)
         var = sigma2 * (1 + 1 / a)
         w = self.weights.to(dtype)
-        log_w = torch.where(w > 0, w, 1.0).log().masked_fill(w == 0, -math.inf).unsqueeze(1)
+        log_w = safe_log(w).unsqueeze(1)
         resp = torch.softmax(log_w - 0.5 * d * var.log() - dist2 / (2 * var), dim=-1)
 
         # sum_k r_k (S_k - own_k x_i + x_i) / (a_k + 1), without a [b, n, k, d] tensor.
