@@ -150,6 +150,8 @@ def test_every_distribution_type_has_a_valid_form() -> None:
     ({"training": {"num_epochs": 1, "steps_per_epoch": 10,
                    "scheduler": {"warmup_steps": 11}}}, "$.training.scheduler.warmup_steps"),
     ({"metadata": {"exp_name": "../escape"}}, "$.metadata.exp_name"),
+    ({"model": {"prediction": {"set_normalization": False, "principal_axes": True}}},
+     "$.model.prediction.principal_axes"),
     ({"training": {"loss": {"type": "energy", "target": "posterior_mean"}}},
      "$.training.loss.target"),
     ({"training": {"num_epochs": 1, "steps_per_epoch": 10, "curriculum": {"steps": 11}}},

@@ -22,13 +22,15 @@ from gmmt.model.attention import (
     softmax_attention,
 )
 from gmmt.model.pooling import CentrePooling
+from gmmt.model.sets import normalize_set, principal_frame
 
 D, H, L, DIM = 8, 2, 3, 2  # tiny sizes: hidden width, heads, distinct blocks, point dims
 
 
 def tiny_config(attention: str = "softmax", encoder: str = "linear", target: str = "residual",
                 repetition: RepetitionConfig | None = None, flow: FlowConfig | None = None,
-                num_layers: int = L, centre_pooling: bool = False) -> ModelConfig:
+                num_layers: int = L, centre_pooling: bool = False,
+                principal_axes: bool = False) -> ModelConfig:
     return ModelConfig(
         encoder=encoder,
         transformer=TransformerConfig(
@@ -36,7 +38,8 @@ def tiny_config(attention: str = "softmax", encoder: str = "linear", target: str
             attention=AttentionConfig(type=attention, num_features=16),
             repetition=repetition or RepetitionConfig(),
             flow=flow or FlowConfig()),
-        prediction=PredictionConfig(target=target, centre_pooling=centre_pooling))
+        prediction=PredictionConfig(target=target, centre_pooling=centre_pooling,
+                                    principal_axes=principal_axes))
 
 
 def randomized(model: GMMTransformer) -> GMMTransformer:
@@ -76,17 +79,56 @@ def test_permuting_points_permutes_predictions(attention: str, encoder: str,
     assert torch.allclose(model(x)[:, perm], model(x[:, perm]), atol=1e-10)
 
 
-@pytest.mark.parametrize(("encoder", "target", "centre_pooling"), [
-    ("linear", "residual", False), ("linear", "centre", False), ("orthogonal", "residual", False),
-    ("linear", "residual", True), ("linear", "centre", True)])
-def test_translation_and_scale_equivariance(encoder: str, target: str,
-                                            centre_pooling: bool) -> None:
-    model = make(encoder=encoder, target=target, centre_pooling=centre_pooling)
+@pytest.mark.parametrize(("encoder", "target", "centre_pooling", "principal_axes"), [
+    ("linear", "residual", False, False), ("linear", "centre", False, False),
+    ("orthogonal", "residual", False, False), ("linear", "residual", True, False),
+    ("linear", "centre", True, False), ("linear", "residual", True, True)])
+def test_translation_and_scale_equivariance(encoder: str, target: str, centre_pooling: bool,
+                                            principal_axes: bool) -> None:
+    model = make(encoder=encoder, target=target, centre_pooling=centre_pooling,
+                 principal_axes=principal_axes)
     x = sets()
     shift = torch.tensor([3.0, -7.5], dtype=torch.float64)
     scale = torch.tensor([0.05, 40.0], dtype=torch.float64)[:, None, None]  # one per set
     expected = model(x) * scale + shift
     assert torch.allclose(model(x * scale + shift), expected, rtol=1e-8, atol=1e-8)
+
+
+def random_orthogonal(seed: int, reflect: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(DIM, DIM, generator=g, dtype=torch.float64))
+    return q * torch.tensor([-1.0, 1.0], dtype=torch.float64) if reflect else q
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_principal_axes_make_the_model_rotation_and_reflection_equivariant(
+        reflect: bool) -> None:
+    model = make(principal_axes=True, centre_pooling=True)
+    x, q = sets(b=3, n=9), random_orthogonal(seed=5, reflect=reflect)
+    assert torch.allclose(model(x @ q), model(x) @ q, atol=1e-9)
+    # Guard: without the frame the same model is not rotation-equivariant.
+    plain = make(centre_pooling=True)
+    assert not torch.allclose(plain(x @ q), plain(x) @ q, atol=1e-3)
+
+
+def test_principal_frame_gives_decreasing_uncorrelated_axes_with_positive_skew() -> None:
+    x = sets(b=4, n=11, seed=3)
+    mask = torch.ones(4, 11, dtype=torch.bool)
+    mask[1, 6:] = False
+    z, _, _ = normalize_set(x, mask)
+    frame = principal_frame(z, mask)
+    assert torch.allclose(frame.mT @ frame, torch.eye(DIM, dtype=torch.float64).expand(4, -1, -1),
+                          atol=1e-12)
+    rotated = z @ frame
+    for i, m in enumerate(mask):
+        along = rotated[i, m]  # [n_i, d]
+        covariance = along.T @ along / len(along)
+        assert abs(covariance[0, 1]) < 1e-12 and covariance[0, 0] > covariance[1, 1]
+        assert (along.pow(3).mean(dim=0) > 0).all()
+    # Padded points (whatever they hold) do not move the frame.
+    garbage = x.clone()
+    garbage[1, 6:] = 1e3
+    assert torch.allclose(principal_frame(normalize_set(garbage, mask)[0], mask), frame)
 
 
 def test_model_is_not_trivially_equivariant() -> None:
@@ -103,10 +145,13 @@ def test_model_is_not_trivially_equivariant() -> None:
 # Padding.
 
 
-@pytest.mark.parametrize(("attention", "centre_pooling"), [
-    ("softmax", False), ("random_feature", False), ("softmax", True)])
-def test_padded_points_do_not_change_real_points(attention: str, centre_pooling: bool) -> None:
+@pytest.mark.parametrize(("attention", "centre_pooling", "principal_axes"), [
+    ("softmax", False, False), ("random_feature", False, False), ("softmax", True, False),
+    ("softmax", False, True)])
+def test_padded_points_do_not_change_real_points(attention: str, centre_pooling: bool,
+                                                 principal_axes: bool) -> None:
     model = make(attention=attention, centre_pooling=centre_pooling,
+                 principal_axes=principal_axes,
                  flow=FlowConfig(enabled=True, snr_source="estimated"))
     full, short = sets(1, 9, seed=1), sets(1, 5, seed=2)
     # Pad the short set to 9 points with garbage, including NaN and huge values.

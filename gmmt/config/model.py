@@ -121,10 +121,20 @@ class PredictionConfig:
         "residual", "residual: output is a correction added to the (normalised) input point")
     set_normalization: bool = setting(
         True, "subtract the set mean and divide by the set scale (undone at the output)")
+    principal_axes: bool = setting(
+        False, "also rotate each normalised set onto its principal axes (signs fixed by the "
+        "third moment) and rotate the output back: the model sees sets in one canonical "
+        "orientation and is rotation- and reflection-equivariant; needs set_normalization")
     centre_pooling: bool = setting(
         False, "finish by averaging the input points whose predicted centres lie near each "
         "point's own (Gaussian kernel, learned bandwidth in units of the set's residual scale), "
         "mixed in by a learned per-point gate: exact sample means on well separated clusters")
+
+    def _problems(self) -> list[tuple[str, str]]:
+        if self.principal_axes and not self.set_normalization:
+            return [("principal_axes", "rotates the centred set, so it needs "
+                     "set_normalization = true")]
+        return []
 
 
 @config_class

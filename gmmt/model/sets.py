@@ -49,3 +49,28 @@ def normalize_set(points: torch.Tensor, mask: torch.Tensor | None
 def denormalize_set(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`normalize_set`: map normalised coordinates back to the input frame."""
     return z * scale + mean
+
+
+def principal_frame(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Rotation [b, d, d] onto each centred set's principal axes: ``z @ frame`` is the set in
+    coordinates along its axes of decreasing variance, and ``x @ frame.mT`` maps back.
+
+    An eigenvector's sign is arbitrary, so each axis is pointed where the set's third moment
+    along it is positive: the frame is then a function of the set alone, and a model run in it
+    is rotation- and reflection-equivariant. (Where two variances tie, or a third moment is
+    zero, the frame is still valid but jumps under small changes of the set.) The frame is a
+    fixed function of the data, so no gradient flows through it.
+    """
+    b, n, d = z.shape
+    # eigh needs float32 or wider, and autocast must not lower the moments.
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        work = z.detach().to(torch.promote_types(z.dtype, torch.float32))
+        outer = (work.unsqueeze(-1) * work.unsqueeze(-2)).reshape(b, n, d * d)
+        covariance = masked_mean(outer, mask).reshape(b, d, d)
+        # eigh is not implemented on every backend (MPS); d x d matrices are cheap anywhere.
+        on_cpu = covariance.device.type not in ("cpu", "cuda")
+        _, vectors = torch.linalg.eigh(covariance.cpu() if on_cpu else covariance)
+        frame = vectors.to(work.device).flip(-1)  # columns by decreasing variance
+        third_moment = masked_mean((work @ frame).pow(3), mask)  # [b, 1, d]
+        frame = frame * torch.where(third_moment < 0, -1.0, 1.0).to(frame.dtype)
+    return frame.to(z.dtype)

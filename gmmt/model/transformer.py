@@ -1,9 +1,9 @@
 """The GMM transformer: a permutation-equivariant set denoiser.
 
-points -> set normalisation -> encoder -> pre-LN blocks (run in ``block_schedule`` order, with
-shared weights when repeated, each step scaled by the flow speed s) -> final LayerNorm ->
-decoder -> (+ normalised input, in residual mode) -> (centre pooling, if enabled) -> undo the
-normalisation.
+points -> set normalisation (and rotation onto the principal axes, if enabled) -> encoder ->
+pre-LN blocks (run in ``block_schedule`` order, with shared weights when repeated, each step
+scaled by the flow speed s) -> final LayerNorm -> decoder -> (+ normalised input, in residual
+mode) -> (centre pooling, if enabled) -> undo the rotation and normalisation.
 
 Shape legend: b sets, n points, d dims, D hidden width, L distinct blocks. ``mask`` is [b, n]
 bool (True = real point) or ``None`` when every set is full.
@@ -21,7 +21,7 @@ from gmmt.config.model import ModelConfig, TransformerConfig
 from gmmt.model.attention import SetAttention
 from gmmt.model.flow import FlowSpeed
 from gmmt.model.pooling import CentrePooling
-from gmmt.model.sets import denormalize_set, normalize_set, zero_padding
+from gmmt.model.sets import denormalize_set, normalize_set, principal_frame, zero_padding
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -107,6 +107,7 @@ class GMMTransformer(nn.Module):
         self.input_dim = input_dim
         self.residual = config.prediction.target == "residual"
         self.set_normalization = config.prediction.set_normalization
+        self.principal_axes = config.prediction.principal_axes
         self.schedule = t.block_schedule()
         codec = OrthogonalCodec if config.encoder == "orthogonal" else LinearCodec
         self.codec = codec(input_dim, t.hidden_dim)
@@ -153,6 +154,9 @@ class GMMTransformer(nn.Module):
         self._check_inputs(points, mask)
         if self.set_normalization:
             z, mean, scale = normalize_set(points, mask)
+            if self.principal_axes:
+                frame = principal_frame(z, mask)  # [b, d, d]
+                z = z @ frame
         else:
             z = zero_padding(points, mask)
         speeds, snr_estimate = (None, None) if self.flow is None else self.flow(z, mask, snr_db)
@@ -166,6 +170,8 @@ class GMMTransformer(nn.Module):
         if self.pooling is not None:
             out = self.pooling(z, out, features, mask)
         if self.set_normalization:
+            if self.principal_axes:
+                out = out @ frame.mT
             out = denormalize_set(out, mean, scale)
         out = zero_padding(out, mask)
         return (out, snr_estimate) if return_aux else out
