@@ -333,27 +333,6 @@ def test_centre_pooling_turns_collapsed_predictions_into_sample_means() -> None:
         torch.testing.assert_close(pooling(points, predicted, features), predicted)
 
 
-def test_centre_pooling_gate_opens_where_pooling_agrees_with_the_prediction() -> None:
-    """The gate's log-distance input: a cluster whose predictions sit on its sample mean gets
-    the sample mean; one whose predictions sit far from what pooling finds keeps them."""
-    points, labels, _ = two_clusters()
-    sample_means = torch.stack([points[0, labels == k].mean(0) for k in range(2)])
-    g = torch.Generator().manual_seed(1)
-    jitter = 1e-3 * torch.randn(points.shape, generator=g, dtype=torch.float64)
-    offset = torch.tensor([[0.0, 0.0], [3.0, 0.0]], dtype=torch.float64)  # cluster 1 only
-    predicted = (sample_means + offset)[labels][None] + jitter
-    features = torch.zeros(1, points.shape[1], D, dtype=torch.float64)
-    pooling = CentrePooling(D).double()
-    with torch.no_grad():
-        pooling.gate.bias.zero_()
-        pooling.distance_weight.fill_(-2.0)
-    out = pooling(points, predicted, features)[0]
-    near, far = labels == 0, labels == 1
-    torch.testing.assert_close(out[near], sample_means[labels][near], atol=1e-5, rtol=0)
-    moved = (out[far] - predicted[0, far]).norm(dim=-1) / offset[1].norm()
-    assert (moved < 0.25).all()
-
-
 def test_centre_pooling_runs_in_float32_under_autocast() -> None:
     torch.manual_seed(0)
     pooling = CentrePooling(D)

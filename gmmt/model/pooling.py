@@ -10,9 +10,7 @@ average away. Pooling looks for the points whose *predicted* centres lie near a 
 with ``s^2`` the set's mean squared residual |z - c|^2 per coordinate (a data-only noise
 scale), and ``h`` a learned bandwidth. On a well separated cluster the weights are uniform
 over its points and the pooled value is its sample mean; where clusters overlap it blurs, so
-a learned per-point gate g_i in (0, 1) mixes it in: out_i = c_i + g_i (pooled_i - c_i). The
-gate reads the final features and log(|pooled_i - c_i|^2 / s^2), which tells a clear cluster
-(where the two agree to within the prediction's noise) from an overlap.
+a learned per-point gate g_i in (0, 1) mixes it in: out_i = c_i + g_i (pooled_i - c_i).
 
 Shape legend: b sets, n points, d dims, D hidden width. ``mask`` is [b, n] bool or ``None``.
 """
@@ -38,7 +36,6 @@ class CentrePooling(nn.Module):
         super().__init__()
         self.log_bandwidth = nn.Parameter(torch.zeros(()))
         self.gate = nn.Linear(hidden_dim, 1)
-        self.distance_weight = nn.Parameter(torch.zeros(()))
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, -2.0)
 
@@ -63,14 +60,7 @@ class CentrePooling(nn.Module):
             pooled = F.scaled_dot_product_attention(
                 query.unsqueeze(1), key.unsqueeze(1), z_work.unsqueeze(1), attn_mask=attn_mask,
                 scale=1.0).squeeze(1)
-            # Where pooling and prediction agree (a clear cluster) the distance between them is
-            # the prediction's own noise, ~1/n of a noise variance; where clusters overlap the
-            # pooled value is a blur, far off. The gate reads that log-distance (a property of
-            # the data, so detached) beside the features.
-            distance = (pooled - c_work).square().mean(dim=-1, keepdim=True) / noise_var
-            log_distance = torch.log(distance.detach() + MIN_RESIDUAL_VAR)  # [b, n, 1]
-            gate = torch.sigmoid(self.gate(features.to(dtype))
-                                 + self.distance_weight * log_distance)
+            gate = torch.sigmoid(self.gate(features.to(dtype)))
             return (c_work + gate * (pooled - c_work)).to(centres.dtype)
 
     def extra_repr(self) -> str:
