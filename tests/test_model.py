@@ -22,7 +22,7 @@ from gmmt.model.attention import (
     softmax_attention,
 )
 from gmmt.model.pooling import CentrePooling
-from gmmt.model.sets import normalize_set, principal_frame
+from gmmt.model.sets import from_principal_axes, normalize_set, to_principal_axes
 
 D, H, L, DIM = 8, 2, 3, 2  # tiny sizes: hidden width, heads, distinct blocks, point dims
 
@@ -116,10 +116,10 @@ def test_principal_frame_gives_decreasing_uncorrelated_axes_with_positive_skew()
     mask = torch.ones(4, 11, dtype=torch.bool)
     mask[1, 6:] = False
     z, _, _ = normalize_set(x, mask)
-    frame = principal_frame(z, mask)
+    rotated, frame = to_principal_axes(z, mask)
+    assert torch.allclose(rotated, z @ frame, atol=1e-12)
     assert torch.allclose(frame.mT @ frame, torch.eye(DIM, dtype=torch.float64).expand(4, -1, -1),
                           atol=1e-12)
-    rotated = z @ frame
     for i, m in enumerate(mask):
         along = rotated[i, m]  # [n_i, d]
         covariance = along.T @ along / len(along)
@@ -128,7 +128,18 @@ def test_principal_frame_gives_decreasing_uncorrelated_axes_with_positive_skew()
     # Padded points (whatever they hold) do not move the frame.
     garbage = x.clone()
     garbage[1, 6:] = 1e3
-    assert torch.allclose(principal_frame(normalize_set(garbage, mask)[0], mask), frame)
+    assert torch.allclose(to_principal_axes(normalize_set(garbage, mask)[0], mask)[1], frame)
+
+
+def test_principal_axes_rotations_stay_in_float32_under_autocast() -> None:
+    z, _, _ = normalize_set(sets(b=3, n=9).float(), None)
+    rotated, frame = to_principal_axes(z, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rotated_autocast, frame_autocast = to_principal_axes(z, None)
+        back = from_principal_axes(rotated_autocast, frame_autocast)
+    assert torch.equal(rotated_autocast, rotated) and torch.equal(frame_autocast, frame)
+    assert back.dtype == torch.float32
+    torch.testing.assert_close(back, z, atol=1e-6, rtol=0)  # bf16 would be off by ~1e-2
 
 
 def test_model_is_not_trivially_equivariant() -> None:

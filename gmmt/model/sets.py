@@ -51,18 +51,19 @@ def denormalize_set(z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) ->
     return z * scale + mean
 
 
-def principal_frame(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Rotation [b, d, d] onto each centred set's principal axes: ``z @ frame`` is the set in
-    coordinates along its axes of decreasing variance, and ``x @ frame.mT`` maps back.
+def to_principal_axes(z: torch.Tensor, mask: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate each centred set onto its principal axes: ``(z @ frame, frame [b, d, d])``, the
+    columns of ``frame`` along decreasing variance; :func:`from_principal_axes` maps back.
 
     An eigenvector's sign is arbitrary, so each axis is pointed where the set's third moment
     along it is positive: the frame is then a function of the set alone, and a model run in it
     is rotation- and reflection-equivariant. (Where two variances tie, or a third moment is
     zero, the frame is still valid but jumps under small changes of the set.) The frame is a
-    fixed function of the data, so no gradient flows through it.
+    fixed function of the data, so no gradient flows through it. Padded rows stay 0.
     """
     b, n, d = z.shape
-    # eigh needs float32 or wider, and autocast must not lower the moments.
+    # eigh needs float32 or wider, and autocast must not lower the moments or the rotation.
     with torch.autocast(device_type=z.device.type, enabled=False):
         work = z.detach().to(torch.promote_types(z.dtype, torch.float32))
         outer = (work.unsqueeze(-1) * work.unsqueeze(-2)).reshape(b, n, d * d)
@@ -71,6 +72,14 @@ def principal_frame(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         on_cpu = covariance.device.type not in ("cpu", "cuda")
         _, vectors = torch.linalg.eigh(covariance.cpu() if on_cpu else covariance)
         frame = vectors.to(work.device).flip(-1)  # columns by decreasing variance
-        third_moment = masked_mean((work @ frame).pow(3), mask)  # [b, 1, d]
-        frame = frame * torch.where(third_moment < 0, -1.0, 1.0).to(frame.dtype)
-    return frame.to(z.dtype)
+        rotated = work @ frame
+        sign = torch.where(masked_mean(rotated.pow(3), mask) < 0, -1.0, 1.0)  # [b, 1, d]
+        return (rotated * sign).to(z.dtype), (frame * sign).to(z.dtype)
+
+
+def from_principal_axes(x: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_principal_axes`: ``x @ frame^T``, kept out of autocast so that a
+    low-precision rotation does not round the output."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        dtype = torch.promote_types(x.dtype, frame.dtype)
+        return x.to(dtype) @ frame.to(dtype).mT

@@ -21,7 +21,13 @@ from gmmt.config.model import ModelConfig, TransformerConfig
 from gmmt.model.attention import SetAttention
 from gmmt.model.flow import FlowSpeed
 from gmmt.model.pooling import CentrePooling
-from gmmt.model.sets import denormalize_set, normalize_set, principal_frame, zero_padding
+from gmmt.model.sets import (
+    denormalize_set,
+    from_principal_axes,
+    normalize_set,
+    to_principal_axes,
+    zero_padding,
+)
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -155,8 +161,7 @@ class GMMTransformer(nn.Module):
         if self.set_normalization:
             z, mean, scale = normalize_set(points, mask)
             if self.principal_axes:
-                frame = principal_frame(z, mask)  # [b, d, d]
-                z = z @ frame
+                z, frame = to_principal_axes(z, mask)  # frame [b, d, d]
         else:
             z = zero_padding(points, mask)
         speeds, snr_estimate = (None, None) if self.flow is None else self.flow(z, mask, snr_db)
@@ -171,7 +176,7 @@ class GMMTransformer(nn.Module):
             out = self.pooling(z, out, features, mask)
         if self.set_normalization:
             if self.principal_axes:
-                out = out @ frame.mT
+                out = from_principal_axes(out, frame)
             out = denormalize_set(out, mean, scale)
         out = zero_padding(out, mask)
         return (out, snr_estimate) if return_aux else out
