@@ -21,7 +21,7 @@ from gmmt.model.attention import (
     random_feature_attention,
     softmax_attention,
 )
-from gmmt.model.pooling import CentrePooling
+from gmmt.model.pooling import CentrePooling, OutputSmoothing
 from gmmt.model.sets import from_principal_axes, normalize_set, to_principal_axes
 
 D, H, L, DIM = 8, 2, 3, 2  # tiny sizes: hidden width, heads, distinct blocks, point dims
@@ -30,7 +30,7 @@ D, H, L, DIM = 8, 2, 3, 2  # tiny sizes: hidden width, heads, distinct blocks, p
 def tiny_config(attention: str = "softmax", encoder: str = "linear", target: str = "residual",
                 repetition: RepetitionConfig | None = None, flow: FlowConfig | None = None,
                 num_layers: int = L, centre_pooling: bool = False,
-                principal_axes: bool = False) -> ModelConfig:
+                principal_axes: bool = False, output_smoothing: float = 0.0) -> ModelConfig:
     return ModelConfig(
         encoder=encoder,
         transformer=TransformerConfig(
@@ -39,7 +39,8 @@ def tiny_config(attention: str = "softmax", encoder: str = "linear", target: str
             repetition=repetition or RepetitionConfig(),
             flow=flow or FlowConfig()),
         prediction=PredictionConfig(target=target, centre_pooling=centre_pooling,
-                                    principal_axes=principal_axes))
+                                    principal_axes=principal_axes,
+                                    output_smoothing=output_smoothing))
 
 
 def randomized(model: GMMTransformer) -> GMMTransformer:
@@ -67,26 +68,32 @@ def sets(b: int = 2, n: int = 7, seed: int = 0) -> torch.Tensor:
 # Symmetries.
 
 
-@pytest.mark.parametrize(("attention", "encoder", "centre_pooling"), [
-    ("softmax", "linear", False), ("random_feature", "linear", False),
-    ("softmax", "orthogonal", False), ("softmax", "linear", True)])
+@pytest.mark.parametrize(("attention", "encoder", "centre_pooling", "output_smoothing"), [
+    ("softmax", "linear", False, 0.0), ("random_feature", "linear", False, 0.0),
+    ("softmax", "orthogonal", False, 0.0), ("softmax", "linear", True, 0.0),
+    ("softmax", "linear", False, 0.1)])
 def test_permuting_points_permutes_predictions(attention: str, encoder: str,
-                                               centre_pooling: bool) -> None:
+                                               centre_pooling: bool,
+                                               output_smoothing: float) -> None:
     model = make(attention=attention, encoder=encoder, centre_pooling=centre_pooling,
+                 output_smoothing=output_smoothing,
                  flow=FlowConfig(enabled=True, snr_source="estimated"))
     x = sets()
     perm = torch.randperm(x.shape[1])
     assert torch.allclose(model(x)[:, perm], model(x[:, perm]), atol=1e-10)
 
 
-@pytest.mark.parametrize(("encoder", "target", "centre_pooling", "principal_axes"), [
-    ("linear", "residual", False, False), ("linear", "centre", False, False),
-    ("orthogonal", "residual", False, False), ("linear", "residual", True, False),
-    ("linear", "centre", True, False), ("linear", "residual", True, True)])
+@pytest.mark.parametrize(
+    ("encoder", "target", "centre_pooling", "principal_axes", "output_smoothing"), [
+        ("linear", "residual", False, False, 0.0), ("linear", "centre", False, False, 0.0),
+        ("orthogonal", "residual", False, False, 0.0), ("linear", "residual", True, False, 0.0),
+        ("linear", "centre", True, False, 0.0), ("linear", "residual", True, True, 0.0),
+        ("linear", "residual", False, True, 0.1)])
 def test_translation_and_scale_equivariance(encoder: str, target: str, centre_pooling: bool,
-                                            principal_axes: bool) -> None:
+                                            principal_axes: bool,
+                                            output_smoothing: float) -> None:
     model = make(encoder=encoder, target=target, centre_pooling=centre_pooling,
-                 principal_axes=principal_axes)
+                 principal_axes=principal_axes, output_smoothing=output_smoothing)
     x = sets()
     shift = torch.tensor([3.0, -7.5], dtype=torch.float64)
     scale = torch.tensor([0.05, 40.0], dtype=torch.float64)[:, None, None]  # one per set
@@ -103,7 +110,7 @@ def random_orthogonal(seed: int, reflect: bool) -> torch.Tensor:
 @pytest.mark.parametrize("reflect", [False, True])
 def test_principal_axes_make_the_model_rotation_and_reflection_equivariant(
         reflect: bool) -> None:
-    model = make(principal_axes=True, centre_pooling=True)
+    model = make(principal_axes=True, centre_pooling=True, output_smoothing=0.1)
     x, q = sets(b=3, n=9), random_orthogonal(seed=5, reflect=reflect)
     assert torch.allclose(model(x @ q), model(x) @ q, atol=1e-9)
     # Guard: without the frame the same model is not rotation-equivariant.
@@ -156,13 +163,14 @@ def test_model_is_not_trivially_equivariant() -> None:
 # Padding.
 
 
-@pytest.mark.parametrize(("attention", "centre_pooling", "principal_axes"), [
-    ("softmax", False, False), ("random_feature", False, False), ("softmax", True, False),
-    ("softmax", False, True)])
+@pytest.mark.parametrize(("attention", "centre_pooling", "principal_axes", "output_smoothing"), [
+    ("softmax", False, False, 0.0), ("random_feature", False, False, 0.0),
+    ("softmax", True, False, 0.0), ("softmax", False, True, 0.0), ("softmax", False, False, 0.1)])
 def test_padded_points_do_not_change_real_points(attention: str, centre_pooling: bool,
-                                                 principal_axes: bool) -> None:
+                                                 principal_axes: bool,
+                                                 output_smoothing: float) -> None:
     model = make(attention=attention, centre_pooling=centre_pooling,
-                 principal_axes=principal_axes,
+                 principal_axes=principal_axes, output_smoothing=output_smoothing,
                  flow=FlowConfig(enabled=True, snr_source="estimated"))
     full, short = sets(1, 9, seed=1), sets(1, 5, seed=2)
     # Pad the short set to 9 points with garbage, including NaN and huge values.
@@ -355,6 +363,46 @@ def test_centre_pooling_runs_in_float32_under_autocast() -> None:
     want = pooling(points, predicted, features)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = pooling(points, predicted, features)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_output_smoothing_removes_jitter_within_a_cluster() -> None:
+    points, labels, centres = two_clusters()
+    g = torch.Generator().manual_seed(1)
+    predicted = (centres[labels] + 0.01 * torch.randn(points.shape[1], DIM, generator=g,
+                                                      dtype=torch.float64))[None]
+    smoothing = OutputSmoothing(initial_bandwidth=1.0).double()
+    # Each cluster's predictions are replaced by their own mean; the far cluster gets no weight.
+    means = torch.stack([predicted[0, labels == k].mean(0) for k in range(2)])
+    assert (predicted[0] - means[labels]).abs().max() > 1e-2
+    with torch.no_grad():
+        torch.testing.assert_close(smoothing(points, predicted)[0], means[labels],
+                                   atol=2e-4, rtol=0)
+
+
+def test_output_smoothing_keeps_predictions_that_vary_smoothly() -> None:
+    # Predictions spread evenly along a line (as between overlapping clusters): a symmetric
+    # kernel narrower than the spread leaves the interior where it was.
+    g = torch.Generator().manual_seed(2)
+    along = torch.linspace(-1.0, 1.0, 201, dtype=torch.float64)
+    predicted = torch.stack([along, 0.5 * along], dim=-1)[None]
+    points = predicted + torch.randn(predicted.shape, generator=g, dtype=torch.float64)
+    smoothing = OutputSmoothing(initial_bandwidth=0.05).double()
+    with torch.no_grad():
+        out = smoothing(points, predicted)
+    interior = along.abs() < 0.7
+    torch.testing.assert_close(out[0, interior], predicted[0, interior], atol=1e-9, rtol=0)
+    assert not torch.allclose(out[0, ~interior], predicted[0, ~interior], atol=1e-4)
+
+
+def test_output_smoothing_runs_in_float32_under_autocast() -> None:
+    points, labels, centres = two_clusters()
+    points, centres = points.float(), centres.float()
+    predicted = centres[labels][None] + 0.05 * torch.randn_like(points)
+    smoothing = OutputSmoothing(initial_bandwidth=0.1)
+    want = smoothing(points, predicted)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = smoothing(points, predicted)
     assert got.dtype == torch.float32 and torch.equal(got, want)
 
 

@@ -129,6 +129,11 @@ class PredictionConfig:
         False, "finish by averaging the input points whose predicted centres lie near each "
         "point's own (Gaussian kernel, learned bandwidth in units of the set's residual scale), "
         "mixed in by a learned per-point gate: exact sample means on well separated clusters")
+    output_smoothing: float = setting(
+        0.0, "finish by averaging each point's predicted centre with the predictions near it "
+        "(Gaussian kernel on the predictions); the value is the kernel's starting bandwidth in "
+        "units of the set's residual scale, learned from there (0 = off; 0.1 works)",
+        non_negative)
 
     def _problems(self) -> list[tuple[str, str]]:
         if self.principal_axes and not self.set_normalization:

@@ -1,16 +1,23 @@
-"""Centre pooling: replace each predicted centre by an average of the input points around it.
+"""Readouts that average over the points whose predicted centres lie near each point's own.
 
 A transformer's attention averages points with weights that are never exactly equal inside a
-cluster, so its centres carry a share of each point's noise that a cluster's sample mean would
-average away. Pooling looks for the points whose *predicted* centres lie near a point's own
-(where a cluster's predictions collapse together) and averages their *inputs*:
+cluster, so its predicted centres jitter from point to point within a cluster, and each keeps
+a share of its own point's noise. Both readouts here weigh the points j of a set for point i by
+a Gaussian kernel on the *predicted* centres c (which collapse together within a cluster):
 
-    pooled_i = sum_j w_ij z_j,  w_ij = softmax_j(-|c_i - c_j|^2 / (2 h^2 s^2))
+    w_ij = softmax_j(-|c_i - c_j|^2 / (2 h^2 s^2))
 
 with ``s^2`` the set's mean squared residual |z - c|^2 per coordinate (a data-only noise
-scale), and ``h`` a learned bandwidth. On a well separated cluster the weights are uniform
-over its points and the pooled value is its sample mean; where clusters overlap it blurs, so
-a learned per-point gate g_i in (0, 1) mixes it in: out_i = c_i + g_i (pooled_i - c_i).
+scale) and ``h`` a learned bandwidth.
+
+* :class:`CentrePooling` averages the *inputs*, pooled_i = sum_j w_ij z_j. On a well separated
+  cluster the weights are uniform over its points and the pooled value is its sample mean;
+  where clusters overlap it blurs, so a learned per-point gate g_i in (0, 1) mixes it in:
+  out_i = c_i + g_i (pooled_i - c_i).
+* :class:`OutputSmoothing` averages the *predictions*, out_i = sum_j w_ij c_j, with a narrow
+  kernel (h ~ 0.1). It removes the jitter within a cluster and keeps what the network learned
+  about each cluster as a whole; where predictions legitimately vary (overlapping clusters)
+  they vary smoothly, and averaging near neighbours leaves them almost unchanged.
 
 Shape legend: b sets, n points, d dims, D hidden width. ``mask`` is [b, n] bool or ``None``.
 """
@@ -28,9 +35,36 @@ from gmmt.model.sets import masked_mean
 MIN_RESIDUAL_VAR = 1e-6
 
 
+def _kernel_average(values: torch.Tensor, z: torch.Tensor, centres: torch.Tensor,
+                    log_bandwidth: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """sum_j w_ij values_j with the kernel in the module docstring, [b, n, d].
+
+    All of ``values``, ``z`` and ``centres`` must already be in the working dtype (>= float32:
+    the logits reach |c|^2 / (h s)^2 ~ 10^3-10^5, which bf16 or fp16 would scramble).
+    """
+    residual = (z - centres).square().mean(dim=-1, keepdim=True)  # [b, n, 1]
+    # The scale is a property of the set, not something to fit the centres towards.
+    noise_var = masked_mean(residual, mask).detach().clamp_min(MIN_RESIDUAL_VAR)
+    precision = 1.0 / (torch.exp(2 * log_bandwidth) * noise_var)  # [b, 1, 1]
+    # -|c_i - c_j|^2 / 2 up to a per-query constant, as one dot product:
+    # [c_i, 1] . [c_j, -|c_j|^2 / 2] = c_i . c_j - |c_j|^2 / 2.
+    ones = torch.ones_like(centres[..., :1])
+    query = torch.cat([centres, ones], dim=-1) * precision
+    key = torch.cat([centres, -0.5 * centres.square().sum(dim=-1, keepdim=True)], dim=-1)
+    attn_mask = None if mask is None else key_padding_mask(mask)
+    return F.scaled_dot_product_attention(
+        query.unsqueeze(1), key.unsqueeze(1), values.unsqueeze(1), attn_mask=attn_mask,
+        scale=1.0).squeeze(1)
+
+
+def _working_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 class CentrePooling(nn.Module):
-    """The pooling readout above; starts with bandwidth h = 1 and its gates nearly shut
-    (0.12), so that training first shapes the centres it pools around."""
+    """Gated averaging of the inputs (see the module docstring); starts with bandwidth h = 1
+    and its gates nearly shut (0.12), so that training first shapes the centres it pools
+    around."""
 
     def __init__(self, hidden_dim: int) -> None:
         super().__init__()
@@ -43,25 +77,34 @@ class CentrePooling(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled centres [b, n, d] from points z [b, n, d], predicted centres [b, n, d] and
         the final hidden features [b, n, D] (for the gate)."""
-        # Kernel logits reach |c|^2 / s^2 ~ 10^3: bf16 or fp16 would scramble them.
-        dtype = torch.promote_types(centres.dtype, torch.float32)
+        dtype = _working_dtype(centres)
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_work, c_work = z.to(dtype), centres.to(dtype)
-            residual = (z_work - c_work).square().mean(dim=-1, keepdim=True)  # [b, n, 1]
-            # The scale is a property of the set, not something to fit the centres towards.
-            noise_var = masked_mean(residual, mask).detach().clamp_min(MIN_RESIDUAL_VAR)
-            precision = 1.0 / (torch.exp(2 * self.log_bandwidth) * noise_var)  # [b, 1, 1]
-            # -|c_i - c_j|^2 / 2 up to a per-query constant, as one dot product:
-            # [c_i, 1] . [c_j, -|c_j|^2 / 2] = c_i . c_j - |c_j|^2 / 2.
-            ones = torch.ones_like(c_work[..., :1])
-            query = torch.cat([c_work, ones], dim=-1) * precision
-            key = torch.cat([c_work, -0.5 * c_work.square().sum(dim=-1, keepdim=True)], dim=-1)
-            attn_mask = None if mask is None else key_padding_mask(mask)
-            pooled = F.scaled_dot_product_attention(
-                query.unsqueeze(1), key.unsqueeze(1), z_work.unsqueeze(1), attn_mask=attn_mask,
-                scale=1.0).squeeze(1)
+            pooled = _kernel_average(z_work, z_work, c_work, self.log_bandwidth, mask)
             gate = torch.sigmoid(self.gate(features.to(dtype)))
             return (c_work + gate * (pooled - c_work)).to(centres.dtype)
+
+    def extra_repr(self) -> str:
+        return f"bandwidth={math.exp(float(self.log_bandwidth.detach())):.3g}"
+
+
+class OutputSmoothing(nn.Module):
+    """Kernel smoothing of the predictions over each other (see the module docstring), with a
+    learned bandwidth that starts at ``initial_bandwidth`` (units of the residual scale s)."""
+
+    def __init__(self, initial_bandwidth: float) -> None:
+        super().__init__()
+        self.log_bandwidth = nn.Parameter(torch.tensor(math.log(initial_bandwidth)))
+
+    def forward(self, z: torch.Tensor, centres: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Smoothed centres [b, n, d] from points z [b, n, d] (for the noise scale) and
+        predicted centres [b, n, d]."""
+        dtype = _working_dtype(centres)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            c_work = centres.to(dtype)
+            smoothed = _kernel_average(c_work, z.to(dtype), c_work, self.log_bandwidth, mask)
+            return smoothed.to(centres.dtype)
 
     def extra_repr(self) -> str:
         return f"bandwidth={math.exp(float(self.log_bandwidth.detach())):.3g}"

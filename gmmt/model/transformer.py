@@ -3,7 +3,7 @@
 points -> set normalisation (and rotation onto the principal axes, if enabled) -> encoder ->
 pre-LN blocks (run in ``block_schedule`` order, with shared weights when repeated, each step
 scaled by the flow speed s) -> final LayerNorm -> decoder -> (+ normalised input, in residual
-mode) -> (centre pooling, if enabled) -> undo the rotation and normalisation.
+mode) -> (centre pooling, output smoothing, if enabled) -> undo the rotation and normalisation.
 
 Shape legend: b sets, n points, d dims, D hidden width, L distinct blocks. ``mask`` is [b, n]
 bool (True = real point) or ``None`` when every set is full.
@@ -20,7 +20,7 @@ from torch.nn.utils.parametrizations import orthogonal
 from gmmt.config.model import ModelConfig, TransformerConfig
 from gmmt.model.attention import SetAttention
 from gmmt.model.flow import FlowSpeed
-from gmmt.model.pooling import CentrePooling
+from gmmt.model.pooling import CentrePooling, OutputSmoothing
 from gmmt.model.sets import (
     denormalize_set,
     from_principal_axes,
@@ -122,6 +122,8 @@ class GMMTransformer(nn.Module):
                                     for i in range(t.num_layers))
         self.ln_f = nn.LayerNorm(t.hidden_dim, eps=t.norm_eps)
         self.pooling = CentrePooling(t.hidden_dim) if config.prediction.centre_pooling else None
+        bandwidth = config.prediction.output_smoothing
+        self.smoothing = OutputSmoothing(bandwidth) if bandwidth > 0 else None
         self.flow = (FlowSpeed(t.flow, input_dim, t.num_layers, self.schedule)
                      if t.flow.enabled else None)
         # GPT-2 style: shrink the residual-branch outputs with the effective depth, so the
@@ -174,6 +176,8 @@ class GMMTransformer(nn.Module):
             out = z + out
         if self.pooling is not None:
             out = self.pooling(z, out, features, mask)
+        if self.smoothing is not None:
+            out = self.smoothing(z, out, mask)
         if self.set_normalization:
             if self.principal_axes:
                 out = from_principal_axes(out, frame)
