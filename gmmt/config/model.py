@@ -132,7 +132,7 @@ class PredictionConfig:
     output_smoothing: float = setting(
         0.0, "finish by averaging each point's predicted centre with the predictions near it "
         "(Gaussian kernel on the predictions); the value is the kernel's starting bandwidth in "
-        "units of the set's residual scale, learned from there (0 = off; 0.1 works)",
+        "units of the set's residual scale, learned from there (0 = off; 0.1 is tested)",
         non_negative)
 
     def _problems(self) -> list[tuple[str, str]]:
