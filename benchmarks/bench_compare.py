@@ -1,0 +1,139 @@
+"""Several trained models on one shared held-out bank, with bootstrap standard errors.
+
+``bench_quality.py`` scores each run on held-out sets drawn with the run's own seed, so two
+seeds are also two banks, and the bank alone moves gap_closed by a few hundredths: a set where
+EM's restarts all miss a component counts for a lot. This script scores every run given on the
+*same* sets, next to EM (the runs' restarts, the true K) and the oracle, and resamples the sets
+(bootstrap) to give each gap_closed a standard error, and each run's difference from a
+reference run a paired one (the bank's noise cancels in a difference, so it is much smaller).
+The reference is the first run, or with ``--group-size G`` the first run of each group of G
+(e.g. one group per seed: the old and the new recipe trained with that seed).
+
+Usage: ``python benchmarks/bench_compare.py RUN_DIR [RUN_DIR ...] [--group-size G]
+[--num-sets 2048] [--seed 777] [--data-preset simple] [--bootstrap 2000] [--json]``
+"""
+
+import argparse
+import json
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+from common import machine
+from tqdm.auto import tqdm
+
+from gmmt import load_model
+from gmmt.config.experiment import ExperimentConfig
+from gmmt.config.fields import ConfigError
+from gmmt.data.gmm import GMMSampler, make_generator
+from gmmt.evaluate import preset_data
+from gmmt.evaluation.baselines import run_baseline
+from gmmt.evaluation.metrics import centre_mse_per_set
+
+EXIT_USAGE = 2
+# Its own stream: the bank shares no set with any run's training, validation or evaluation.
+COMPARISON_STREAM = "comparison"
+BATCH_SIZE = 32
+
+
+def per_set_errors(runs: list[Path], data_preset: str, num_sets: int, seed: int
+                   ) -> dict[str, torch.Tensor]:
+    """MSE per set [num_sets] of EM, the oracle and every run's final model on one bank."""
+    saved = ExperimentConfig.load(runs[0] / "final" / "config.json")
+    sampler = GMMSampler(preset_data(data_preset, ()), seed)
+    models = {str(run): load_model(run / "final") for run in runs}
+    errors: dict[str, list[torch.Tensor]] = {"em": [], "oracle": [], **{m: [] for m in models}}
+    starts = range(0, num_sets, BATCH_SIZE)
+    for step, start in enumerate(tqdm(starts, desc="sets", unit="batch", file=sys.stderr)):
+        batch = sampler.batch(step, min(BATCH_SIZE, num_sets - start), stream=COMPARISON_STREAM)
+        for name in ("em", "oracle"):
+            result = run_baseline(name, batch, saved.validation.em,
+                                  make_generator(seed + 7919 * step))
+            errors[name].append(centre_mse_per_set(result.centres, batch.target, batch.mask))
+        with torch.no_grad():
+            for name, model in models.items():
+                errors[name].append(centre_mse_per_set(model(batch.points, batch.mask),
+                                                       batch.target, batch.mask))
+    return {name: torch.cat(values).double() for name, values in errors.items()}
+
+
+def gap_closed(model: torch.Tensor, em: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
+    """(EM - model) / (EM - oracle) of the mean MSE over the last dimension (sets)."""
+    em_mean = em.mean(-1)
+    return (em_mean - model.mean(-1)) / (em_mean - oracle.mean(-1))
+
+
+def compare(errors: dict[str, torch.Tensor], runs: list[str], group_size: int,
+            resamples: int) -> list[dict]:
+    """Per run: MSE, gap_closed and its bootstrap SE, and (for all but each group's first run)
+    the paired difference in gap_closed from its group's first run, with its SE."""
+    em, oracle = errors["em"], errors["oracle"]
+    picks = torch.randint(0, em.numel(), (resamples, em.numel()),
+                          generator=torch.Generator().manual_seed(0))
+    gaps = {run: gap_closed(errors[run], em, oracle) for run in runs}
+    boots = {run: gap_closed(errors[run][picks], em[picks], oracle[picks]) for run in runs}
+    rows = []
+    for i, run in enumerate(runs):
+        row = {"run": run, "mse": errors[run].mean().item(), "gap_closed": gaps[run].item(),
+               "gap_closed_se": boots[run].std().item()}
+        reference = runs[i - i % group_size]
+        if run != reference:
+            row["reference"] = reference
+            row["minus_reference"] = (gaps[run] - gaps[reference]).item()
+            row["minus_reference_se"] = (boots[run] - boots[reference]).std().item()
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="finished runs (their final/ models); the first is the reference")
+    parser.add_argument("--group-size", type=int, metavar="G",
+                        help="compare each run with the first of its group of G runs "
+                             "(default: all runs are one group)")
+    parser.add_argument("--num-sets", type=int, default=2048, help="sets in the shared bank")
+    parser.add_argument("--seed", type=int, default=777, help="seed of the shared bank")
+    parser.add_argument("--data-preset", default="simple", help="prior of the bank")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.num_sets < 2 or args.bootstrap < 2:
+        parser.exit(EXIT_USAGE, "error: --num-sets and --bootstrap must be >= 2\n")
+    group_size = args.group_size or len(args.runs)
+    if group_size < 1 or len(args.runs) % group_size:
+        parser.exit(EXIT_USAGE, f"error: --group-size {group_size} must be >= 1 and divide the "
+                                f"number of runs ({len(args.runs)})\n")
+    missing = [str(run) for run in args.runs if not (run / "final" / "config.json").is_file()]
+    if missing:
+        parser.exit(EXIT_USAGE, f"error: not a finished run (no final/config.json): "
+                                f"{', '.join(missing)}\n")
+    try:
+        errors = per_set_errors(args.runs, args.data_preset, args.num_sets, args.seed)
+    except (ConfigError, KeyError, ValueError) as error:
+        parser.exit(EXIT_USAGE, f"error: {error}\n")
+    runs = [str(run) for run in args.runs]
+    report = {
+        "benchmark": "compare", "date": date.today().isoformat(), "machine": machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "data_preset": args.data_preset, "sets": args.num_sets, "seed": args.seed,
+        "stream": COMPARISON_STREAM, "bootstrap": args.bootstrap,
+        "em_mse": errors["em"].mean().item(), "oracle_mse": errors["oracle"].mean().item(),
+        "group_size": group_size, "runs": compare(errors, runs, group_size, args.bootstrap),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{args.num_sets} sets of {args.data_preset} (seed {args.seed}): EM "
+          f"{report['em_mse']:.7f}, oracle {report['oracle_mse']:.7f}")
+    for row in report["runs"]:
+        diff = ("" if "reference" not in row else
+                f"   minus {row['reference']}: {row['minus_reference']:+.4f} ± "
+                f"{row['minus_reference_se']:.4f}")
+        print(f"{row['run']}: MSE {row['mse']:.7f}, gap_closed {row['gap_closed']:+.4f} ± "
+              f"{row['gap_closed_se']:.4f}{diff}")
+
+
+if __name__ == "__main__":
+    main()
