@@ -3,9 +3,10 @@
 ``bench_quality.py`` scores each run on held-out sets drawn with the run's own seed, so two
 seeds are also two banks, and the bank alone moves gap_closed by a few hundredths: a set where
 EM's restarts all miss a component counts for a lot. This script scores every run given on the
-*same* sets, next to EM (the runs' restarts, the true K) and the oracle, and resamples the sets
-(bootstrap) to give each gap_closed a standard error, and each run's difference from a
-reference run a paired one (the bank's noise cancels in a difference, so it is much smaller).
+*same* sets, next to EM (the true K, with the first run's validation EM settings) and the
+oracle, and resamples the sets (bootstrap) to give each gap_closed a standard error, and each
+run's difference from a reference run a paired one (the bank's noise cancels in a difference,
+so it is much smaller).
 The reference is the first run, or with ``--group-size G`` the first run of each group of G
 (e.g. one group per seed: the old and the new recipe trained with that seed).
 
@@ -37,25 +38,44 @@ COMPARISON_STREAM = "comparison"
 BATCH_SIZE = 32
 
 
-def per_set_errors(runs: list[Path], data_preset: str, num_sets: int, seed: int
-                   ) -> dict[str, torch.Tensor]:
-    """MSE per set [num_sets] of EM, the oracle and every run's final model on one bank."""
-    saved = ExperimentConfig.load(runs[0] / "final" / "config.json")
-    sampler = GMMSampler(preset_data(data_preset, ()), seed)
-    models = {str(run): load_model(run / "final") for run in runs}
-    errors: dict[str, list[torch.Tensor]] = {"em": [], "oracle": [], **{m: [] for m in models}}
+class UsageError(Exception):
+    """A bad argument or run folder, reported in one line with exit code 2."""
+
+
+def load_runs(runs: list[Path]) -> tuple[ExperimentConfig, list[torch.nn.Module]]:
+    """The first run's saved config (for the EM settings) and every run's final model."""
+    models = []
+    for run in runs:
+        try:
+            models.append(load_model(run / "final"))
+        except (ConfigError, OSError, RuntimeError, ValueError) as error:
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UsageError(f"cannot load the final model of {run}: {message}") from None
+    return ExperimentConfig.load(runs[0] / "final" / "config.json"), models
+
+
+def per_set_errors(saved: ExperimentConfig, models: list[torch.nn.Module], data_preset: str,
+                   num_sets: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MSE per set of EM [s], the oracle [s] and every model [models, s] on one bank of
+    s = ``num_sets`` sets."""
+    try:
+        sampler = GMMSampler(preset_data(data_preset, ()), seed)
+    except (ConfigError, KeyError) as error:
+        raise UsageError(str(error)) from None
+    em, oracle, model_errors = [], [], []
     starts = range(0, num_sets, BATCH_SIZE)
     for step, start in enumerate(tqdm(starts, desc="sets", unit="batch", file=sys.stderr)):
         batch = sampler.batch(step, min(BATCH_SIZE, num_sets - start), stream=COMPARISON_STREAM)
-        for name in ("em", "oracle"):
+        for name, out in (("em", em), ("oracle", oracle)):
             result = run_baseline(name, batch, saved.validation.em,
                                   make_generator(seed + 7919 * step))
-            errors[name].append(centre_mse_per_set(result.centres, batch.target, batch.mask))
+            out.append(centre_mse_per_set(result.centres, batch.target, batch.mask))
         with torch.no_grad():
-            for name, model in models.items():
-                errors[name].append(centre_mse_per_set(model(batch.points, batch.mask),
-                                                       batch.target, batch.mask))
-    return {name: torch.cat(values).double() for name, values in errors.items()}
+            model_errors.append(torch.stack([
+                centre_mse_per_set(model(batch.points, batch.mask), batch.target, batch.mask)
+                for model in models]))
+    return (torch.cat(em).double(), torch.cat(oracle).double(),
+            torch.cat(model_errors, dim=1).double())
 
 
 def gap_closed(model: torch.Tensor, em: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
@@ -64,24 +84,23 @@ def gap_closed(model: torch.Tensor, em: torch.Tensor, oracle: torch.Tensor) -> t
     return (em_mean - model.mean(-1)) / (em_mean - oracle.mean(-1))
 
 
-def compare(errors: dict[str, torch.Tensor], runs: list[str], group_size: int,
-            resamples: int) -> list[dict]:
+def compare(em: torch.Tensor, oracle: torch.Tensor, models: torch.Tensor, runs: list[str],
+            group_size: int, resamples: int) -> list[dict]:
     """Per run: MSE, gap_closed and its bootstrap SE, and (for all but each group's first run)
     the paired difference in gap_closed from its group's first run, with its SE."""
-    em, oracle = errors["em"], errors["oracle"]
     picks = torch.randint(0, em.numel(), (resamples, em.numel()),
                           generator=torch.Generator().manual_seed(0))
-    gaps = {run: gap_closed(errors[run], em, oracle) for run in runs}
-    boots = {run: gap_closed(errors[run][picks], em[picks], oracle[picks]) for run in runs}
+    gaps = gap_closed(models, em, oracle)  # [runs]
+    boots = gap_closed(models[:, picks], em[picks], oracle[picks])  # [runs, resamples]
     rows = []
     for i, run in enumerate(runs):
-        row = {"run": run, "mse": errors[run].mean().item(), "gap_closed": gaps[run].item(),
-               "gap_closed_se": boots[run].std().item()}
-        reference = runs[i - i % group_size]
-        if run != reference:
-            row["reference"] = reference
-            row["minus_reference"] = (gaps[run] - gaps[reference]).item()
-            row["minus_reference_se"] = (boots[run] - boots[reference]).std().item()
+        row = {"run": run, "mse": models[i].mean().item(), "gap_closed": gaps[i].item(),
+               "gap_closed_se": boots[i].std().item()}
+        ref = i - i % group_size
+        if i != ref:
+            row["reference"] = runs[ref]
+            row["minus_reference"] = (gaps[i] - gaps[ref]).item()
+            row["minus_reference_se"] = (boots[i] - boots[ref]).std().item()
         rows.append(row)
     return rows
 
@@ -101,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.num_sets < 2 or args.bootstrap < 2:
         parser.exit(EXIT_USAGE, "error: --num-sets and --bootstrap must be >= 2\n")
-    group_size = args.group_size or len(args.runs)
+    group_size = len(args.runs) if args.group_size is None else args.group_size
     if group_size < 1 or len(args.runs) % group_size:
         parser.exit(EXIT_USAGE, f"error: --group-size {group_size} must be >= 1 and divide the "
                                 f"number of runs ({len(args.runs)})\n")
@@ -110,8 +129,10 @@ def main() -> None:
         parser.exit(EXIT_USAGE, f"error: not a finished run (no final/config.json): "
                                 f"{', '.join(missing)}\n")
     try:
-        errors = per_set_errors(args.runs, args.data_preset, args.num_sets, args.seed)
-    except (ConfigError, KeyError, ValueError) as error:
+        saved, models = load_runs(args.runs)
+        em, oracle, model_errors = per_set_errors(saved, models, args.data_preset,
+                                                  args.num_sets, args.seed)
+    except UsageError as error:
         parser.exit(EXIT_USAGE, f"error: {error}\n")
     runs = [str(run) for run in args.runs]
     report = {
@@ -119,8 +140,9 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "data_preset": args.data_preset, "sets": args.num_sets, "seed": args.seed,
         "stream": COMPARISON_STREAM, "bootstrap": args.bootstrap,
-        "em_mse": errors["em"].mean().item(), "oracle_mse": errors["oracle"].mean().item(),
-        "group_size": group_size, "runs": compare(errors, runs, group_size, args.bootstrap),
+        "em_mse": em.mean().item(), "oracle_mse": oracle.mean().item(),
+        "group_size": group_size,
+        "runs": compare(em, oracle, model_errors, runs, group_size, args.bootstrap),
     }
     if args.json:
         print(json.dumps(report, indent=2))

@@ -153,6 +153,7 @@ def test_every_distribution_type_has_a_valid_form() -> None:
     ({"model": {"prediction": {"set_normalization": False, "principal_axes": True}}},
      "$.model.prediction.principal_axes"),
     ({"model": {"prediction": {"output_smoothing": -0.1}}}, "$.model.prediction.output_smoothing"),
+    ({"model": {"prediction": {"output_smoothing": 1e-20}}}, "$.model.prediction.output_smoothing"),
     ({"training": {"loss": {"type": "energy", "target": "posterior_mean"}}},
      "$.training.loss.target"),
     ({"training": {"num_epochs": 1, "steps_per_epoch": 10, "curriculum": {"steps": 11}}},

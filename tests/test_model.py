@@ -49,7 +49,10 @@ def randomized(model: GMMTransformer) -> GMMTransformer:
     model = model.double().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if any(part in name for part in ("decoder", "gain", "slope", "pooling")):
+            # smoothing: a bandwidth near 1, where it changes the output a lot (at 0.1 the
+            # symmetry and padding tests would barely see it)
+            if any(part in name for part in ("decoder", "gain", "slope", "pooling",
+                                             "smoothing")):
                 p.copy_(0.3 * torch.randn_like(p))
     return model
 
@@ -393,6 +396,27 @@ def test_output_smoothing_keeps_predictions_that_vary_smoothly() -> None:
     interior = along.abs() < 0.7
     torch.testing.assert_close(out[0, interior], predicted[0, interior], atol=1e-9, rtol=0)
     assert not torch.allclose(out[0, ~interior], predicted[0, ~interior], atol=1e-4)
+
+
+def test_output_smoothing_ignores_padded_points() -> None:
+    points, labels, centres = two_clusters(n_each=5)
+    predicted = centres[labels][None] + 0.1 * torch.randn(1, 10, DIM, dtype=torch.float64)
+    # Padded predictions right next to real ones (they would be averaged in) and padded
+    # points far away (they would inflate the noise scale).
+    junk_predicted = predicted[:, :3] + 0.05
+    junk_points = torch.full((1, 3, DIM), 1e3, dtype=torch.float64)
+    mask = torch.tensor([[True] * 10 + [False] * 3])
+    smoothing = OutputSmoothing(initial_bandwidth=1.0).double()
+    with torch.no_grad():
+        alone = smoothing(points, predicted)
+        padded = smoothing(torch.cat([points, junk_points], 1),
+                           torch.cat([predicted, junk_predicted], 1), mask)
+    torch.testing.assert_close(padded[:, :10], alone)
+
+
+def test_output_smoothing_needs_a_positive_bandwidth() -> None:
+    with pytest.raises(ValueError, match="initial_bandwidth"):
+        OutputSmoothing(initial_bandwidth=0.0)
 
 
 def test_output_smoothing_runs_in_float32_under_autocast() -> None:

@@ -113,6 +113,10 @@ class TransformerConfig:
         return len(self.block_schedule())
 
 
+# Below this starting bandwidth the kernel's precision 1 / h^2 overflows float32 logits.
+MIN_SMOOTHING_BANDWIDTH = 1e-3
+
+
 @config_class
 class PredictionConfig:
     """What the decoder output means."""
@@ -132,14 +136,19 @@ class PredictionConfig:
     output_smoothing: float = setting(
         0.0, "finish by averaging each point's predicted centre with the predictions near it "
         "(Gaussian kernel on the predictions); the value is the kernel's starting bandwidth in "
-        "units of the set's residual scale, learned from there (0 = off; 0.1 is tested)",
-        non_negative)
+        "units of the set's residual scale, learned from there (0 = off; 0.1 is tested, and "
+        "training widens it)", non_negative)
 
     def _problems(self) -> list[tuple[str, str]]:
+        problems = []
         if self.principal_axes and not self.set_normalization:
-            return [("principal_axes", "rotates the centred set, so it needs "
-                     "set_normalization = true")]
-        return []
+            problems.append(("principal_axes", "rotates the centred set, so it needs "
+                             "set_normalization = true"))
+        if 0 < self.output_smoothing < MIN_SMOOTHING_BANDWIDTH:
+            problems.append(("output_smoothing", f"must be 0 (off) or at least "
+                             f"{MIN_SMOOTHING_BANDWIDTH} (a narrower kernel underflows), got "
+                             f"{self.output_smoothing}"))
+        return problems
 
 
 @config_class
