@@ -25,7 +25,7 @@ folders (GMMT_CONFIG_PATH, --config-dir) < --config FILE < DEVICE env < --device
 examples:
   python -m gmmt.run --preset quick_test
   python -m gmmt.run --preset standard --set training.optimizer.lr=2e-4 --print-config
-  python -m gmmt.run --model-preset medium_flow --data-preset complex --device cuda
+  python -m gmmt.run --model-preset small_flow --data-preset complex --device cuda
   accelerate launch --config_file launch/multi_gpu.yaml -m gmmt.run --preset high_performance
 """
 

@@ -24,7 +24,7 @@ def test_list_presets(capsys: pytest.CaptureFixture) -> None:
     for name in ("quick_test", "standard", "high_performance"):
         line = next(line for line in out.splitlines() if line.strip().startswith(name))
         assert len(line.split()) > 2  # the name is followed by its description
-    for name in ("medium_flow", "small_rf", "comprehensive", "few", "difficult", "fixed_500"):
+    for name in ("small_flow", "small_rf", "comprehensive", "few", "difficult", "fixed_500"):
         assert name in out
 
 
@@ -45,7 +45,7 @@ def test_describe_preset(capsys: pytest.CaptureFixture) -> None:
     assert main(["--describe-preset", "high_performance"]) == 0
     out = capsys.readouterr().out
     assert "large" in out and "optimized" in out and "bf16" in out
-    assert main(["--describe-preset", "model:medium_flow"]) == 0
+    assert main(["--describe-preset", "model:small_flow"]) == 0
     body = capsys.readouterr().out.split("\n", 1)[1]
     assert json.loads(body)["transformer"]["flow"]["enabled"] is True
 

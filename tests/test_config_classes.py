@@ -154,7 +154,7 @@ def test_every_distribution_type_has_a_valid_form() -> None:
      "$.model.prediction.principal_axes"),
     ({"model": {"prediction": {"output_smoothing": -0.1}}}, "$.model.prediction.output_smoothing"),
     ({"model": {"prediction": {"output_smoothing": 1e-20}}}, "$.model.prediction.output_smoothing"),
-    ({"training": {"loss": {"type": "energy", "target": "posterior_mean"}}},
+    ({"training": {"loss": {"type": "energy", "target": "labelled_posterior_mean"}}},
      "$.training.loss.target"),
     ({"training": {"num_epochs": 1, "steps_per_epoch": 10, "curriculum": {"steps": 11}}},
      "$.training.curriculum.steps"),

@@ -16,7 +16,6 @@ from gmmt.data.gmm import (
     sample_gmm_batch,
     validation_bank,
 )
-from gmmt.evaluation.baselines import oracle_posterior_mean
 
 
 def _fixed(value: float) -> DistributionSpec:
@@ -193,32 +192,6 @@ def test_data_presets(preset: str) -> None:
     assert bool((batch.snr_db >= snr_lo).all()) and bool((batch.snr_db <= snr_hi).all())
 
 
-def test_posterior_mean_is_the_oracle_and_zero_at_padding() -> None:
-    config = DataConfig(ragged=True, sample_count_distribution=_uniform(5, 40),
-                        snr_db_params=_uniform(0, 10))
-    batch = _draw(config, 64)
-    posterior = batch.posterior_mean
-    oracle = oracle_posterior_mean(batch.points, batch.centres, batch.weights, batch.sigma,
-                                   batch.mask).centres
-    torch.testing.assert_close(posterior, oracle.to(posterior.dtype))
-    assert bool((posterior[~batch.mask] == 0).all())
-
-
-def test_posterior_mean_target_differs_from_centre_by_a_constant_in_expectation() -> None:
-    # E_z ||f - mu_z||^2 = ||f - m||^2 + E_z ||m - mu_z||^2 for any f(X) when m = E[mu_z | X]:
-    # the two targets rank every predictor the same way (same minimiser), averaged over sets.
-    config = DataConfig(snr_db_params=_fixed(3.0), sample_count_distribution=_fixed(50))
-    batch = _draw(config, 4000)
-    posterior, centre = batch.posterior_mean.double(), batch.target.double()
-    points = batch.points.double()
-    gaps = []
-    for pred in (points, 0.5 * points + 0.5 * posterior, torch.zeros_like(points)):
-        gaps.append(((pred - centre).square().mean() - (pred - posterior).square().mean()).item())
-    noise = (posterior - centre).square().mean().item()
-    assert noise > 0.05 * batch.signal_var.mean().item()  # the targets do differ at 3 dB
-    assert max(gaps) - min(gaps) < 0.05 * noise  # a wrong sigma (x0.7 or x1.5) gives > 0.4
-
-
 def _labelled_posterior_mean_by_loop(batch: GMMBatch) -> torch.Tensor:
     """The labelled posterior mean point by point, straight from its definition."""
     out = torch.zeros_like(batch.points)
@@ -277,8 +250,9 @@ def test_labelled_posterior_mean_is_the_sample_mean_of_a_clear_cluster() -> None
 
 
 def test_labelled_posterior_mean_target_has_the_same_minimiser() -> None:
-    # As for posterior_mean above, but the predictors may only use the points: the target
-    # conditions on the other points' labels, which a predictor cannot see. The sets are drawn
+    # E ||f - mu_z||^2 = E ||f - t||^2 + const for any f(X) when E[t | X] = E[mu_z | X]: the
+    # two targets rank every predictor the same way. The predictors may only use the points:
+    # the target conditions on the other points' labels, which they cannot see. The sets are drawn
     # with sigma independent of the centres, where the target is the exact conditional mean
     # (the generator ties sigma to the centres' spread through the SNR; see the property).
     g = torch.Generator().manual_seed(5)

@@ -21,16 +21,16 @@ from gmmt.model.attention import (
     random_feature_attention,
     softmax_attention,
 )
-from gmmt.model.pooling import CentrePooling, OutputSmoothing
 from gmmt.model.sets import from_principal_axes, normalize_set, to_principal_axes
+from gmmt.model.smoothing import OutputSmoothing
 
 D, H, L, DIM = 8, 2, 3, 2  # tiny sizes: hidden width, heads, distinct blocks, point dims
 
 
 def tiny_config(attention: str = "softmax", encoder: str = "linear", target: str = "residual",
                 repetition: RepetitionConfig | None = None, flow: FlowConfig | None = None,
-                num_layers: int = L, centre_pooling: bool = False,
-                principal_axes: bool = False, output_smoothing: float = 0.0) -> ModelConfig:
+                num_layers: int = L, principal_axes: bool = False,
+                output_smoothing: float = 0.0) -> ModelConfig:
     return ModelConfig(
         encoder=encoder,
         transformer=TransformerConfig(
@@ -38,8 +38,7 @@ def tiny_config(attention: str = "softmax", encoder: str = "linear", target: str
             attention=AttentionConfig(type=attention, num_features=16),
             repetition=repetition or RepetitionConfig(),
             flow=flow or FlowConfig()),
-        prediction=PredictionConfig(target=target, centre_pooling=centre_pooling,
-                                    principal_axes=principal_axes,
+        prediction=PredictionConfig(target=target, principal_axes=principal_axes,
                                     output_smoothing=output_smoothing))
 
 
@@ -51,8 +50,7 @@ def randomized(model: GMMTransformer) -> GMMTransformer:
         for name, p in model.named_parameters():
             # smoothing: a bandwidth near 1, where it changes the output a lot (at 0.1 the
             # symmetry and padding tests would barely see it)
-            if any(part in name for part in ("decoder", "gain", "slope", "pooling",
-                                             "smoothing")):
+            if any(part in name for part in ("decoder", "gain", "slope", "smoothing")):
                 p.copy_(0.3 * torch.randn_like(p))
     return model
 
@@ -71,15 +69,12 @@ def sets(b: int = 2, n: int = 7, seed: int = 0) -> torch.Tensor:
 # Symmetries.
 
 
-@pytest.mark.parametrize(("attention", "encoder", "centre_pooling", "output_smoothing"), [
-    ("softmax", "linear", False, 0.0), ("random_feature", "linear", False, 0.0),
-    ("softmax", "orthogonal", False, 0.0), ("softmax", "linear", True, 0.0),
-    ("softmax", "linear", False, 0.1)])
+@pytest.mark.parametrize(("attention", "encoder", "output_smoothing"), [
+    ("softmax", "linear", 0.0), ("random_feature", "linear", 0.0),
+    ("softmax", "orthogonal", 0.0), ("softmax", "linear", 0.1)])
 def test_permuting_points_permutes_predictions(attention: str, encoder: str,
-                                               centre_pooling: bool,
                                                output_smoothing: float) -> None:
-    model = make(attention=attention, encoder=encoder, centre_pooling=centre_pooling,
-                 output_smoothing=output_smoothing,
+    model = make(attention=attention, encoder=encoder, output_smoothing=output_smoothing,
                  flow=FlowConfig(enabled=True, snr_source="estimated"))
     x = sets()
     perm = torch.randperm(x.shape[1])
@@ -87,16 +82,14 @@ def test_permuting_points_permutes_predictions(attention: str, encoder: str,
 
 
 @pytest.mark.parametrize(
-    ("encoder", "target", "centre_pooling", "principal_axes", "output_smoothing"), [
-        ("linear", "residual", False, False, 0.0), ("linear", "centre", False, False, 0.0),
-        ("orthogonal", "residual", False, False, 0.0), ("linear", "residual", True, False, 0.0),
-        ("linear", "centre", True, False, 0.0), ("linear", "residual", True, True, 0.0),
-        ("linear", "residual", False, True, 0.1)])
-def test_translation_and_scale_equivariance(encoder: str, target: str, centre_pooling: bool,
-                                            principal_axes: bool,
+    ("encoder", "target", "principal_axes", "output_smoothing"), [
+        ("linear", "residual", False, 0.0), ("linear", "centre", False, 0.0),
+        ("orthogonal", "residual", False, 0.0), ("linear", "centre", False, 0.1),
+        ("linear", "residual", True, 0.0), ("linear", "residual", True, 0.1)])
+def test_translation_and_scale_equivariance(encoder: str, target: str, principal_axes: bool,
                                             output_smoothing: float) -> None:
-    model = make(encoder=encoder, target=target, centre_pooling=centre_pooling,
-                 principal_axes=principal_axes, output_smoothing=output_smoothing)
+    model = make(encoder=encoder, target=target, principal_axes=principal_axes,
+                 output_smoothing=output_smoothing)
     x = sets()
     shift = torch.tensor([3.0, -7.5], dtype=torch.float64)
     scale = torch.tensor([0.05, 40.0], dtype=torch.float64)[:, None, None]  # one per set
@@ -113,11 +106,11 @@ def random_orthogonal(seed: int, reflect: bool) -> torch.Tensor:
 @pytest.mark.parametrize("reflect", [False, True])
 def test_principal_axes_make_the_model_rotation_and_reflection_equivariant(
         reflect: bool) -> None:
-    model = make(principal_axes=True, centre_pooling=True, output_smoothing=0.1)
+    model = make(principal_axes=True, output_smoothing=0.1)
     x, q = sets(b=3, n=9), random_orthogonal(seed=5, reflect=reflect)
     assert torch.allclose(model(x @ q), model(x) @ q, atol=1e-9)
     # Guard: without the frame the same model is not rotation-equivariant.
-    plain = make(centre_pooling=True)
+    plain = make(output_smoothing=0.1)
     assert not torch.allclose(plain(x @ q), plain(x) @ q, atol=1e-3)
 
 
@@ -166,14 +159,13 @@ def test_model_is_not_trivially_equivariant() -> None:
 # Padding.
 
 
-@pytest.mark.parametrize(("attention", "centre_pooling", "principal_axes", "output_smoothing"), [
-    ("softmax", False, False, 0.0), ("random_feature", False, False, 0.0),
-    ("softmax", True, False, 0.0), ("softmax", False, True, 0.0), ("softmax", False, False, 0.1)])
-def test_padded_points_do_not_change_real_points(attention: str, centre_pooling: bool,
-                                                 principal_axes: bool,
+@pytest.mark.parametrize(("attention", "principal_axes", "output_smoothing"), [
+    ("softmax", False, 0.0), ("random_feature", False, 0.0), ("softmax", True, 0.0),
+    ("softmax", False, 0.1)])
+def test_padded_points_do_not_change_real_points(attention: str, principal_axes: bool,
                                                  output_smoothing: float) -> None:
-    model = make(attention=attention, centre_pooling=centre_pooling,
-                 principal_axes=principal_axes, output_smoothing=output_smoothing,
+    model = make(attention=attention, principal_axes=principal_axes,
+                 output_smoothing=output_smoothing,
                  flow=FlowConfig(enabled=True, snr_source="estimated"))
     full, short = sets(1, 9, seed=1), sets(1, 5, seed=2)
     # Pad the short set to 9 points with garbage, including NaN and huge values.
@@ -329,7 +321,7 @@ def test_random_feature_module_matches_softmax_module_with_shared_weights() -> N
 
 
 # --------------------------------------------------------------------------------------------
-# Centre pooling.
+# Output smoothing.
 
 
 def two_clusters(n_each: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -340,33 +332,6 @@ def two_clusters(n_each: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     points = centres[labels] + 0.3 * torch.randn(2 * n_each, DIM, generator=g,
                                                  dtype=torch.float64)
     return points[None], labels, centres
-
-
-def test_centre_pooling_turns_collapsed_predictions_into_sample_means() -> None:
-    points, labels, centres = two_clusters()
-    predicted = (centres + torch.tensor([0.2, -0.1], dtype=torch.float64))[labels][None]
-    features = torch.zeros(1, points.shape[1], D, dtype=torch.float64)
-    pooling = CentrePooling(D).double()
-    sample_means = torch.stack([points[0, labels == k].mean(0) for k in range(2)])
-    with torch.no_grad():
-        pooling.gate.bias.fill_(40.0)  # gate open: the pooled value
-        torch.testing.assert_close(pooling(points, predicted, features)[0], sample_means[labels])
-        pooling.gate.bias.fill_(-40.0)  # gate shut: the predictions pass through
-        torch.testing.assert_close(pooling(points, predicted, features), predicted)
-
-
-def test_centre_pooling_runs_in_float32_under_autocast() -> None:
-    torch.manual_seed(0)
-    pooling = CentrePooling(D)
-    torch.nn.init.normal_(pooling.gate.weight)
-    points, labels, centres = two_clusters()
-    points, centres = points.float(), centres.float()
-    predicted = centres[labels][None] + 0.05 * torch.randn_like(points)
-    features = torch.randn(1, points.shape[1], D)
-    want = pooling(points, predicted, features)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = pooling(points, predicted, features)
-    assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def test_output_smoothing_removes_jitter_within_a_cluster() -> None:
@@ -434,11 +399,10 @@ def test_output_smoothing_runs_in_float32_under_autocast() -> None:
 # Init and presets.
 
 
-@pytest.mark.parametrize(("encoder", "centre_pooling"), [
-    ("linear", False), ("orthogonal", False), ("linear", True)])
-def test_residual_model_is_the_identity_at_init(encoder: str, centre_pooling: bool) -> None:
+@pytest.mark.parametrize("encoder", ["linear", "orthogonal"])
+def test_residual_model_is_the_identity_at_init(encoder: str) -> None:
     torch.manual_seed(0)
-    model = build_model(tiny_config(encoder=encoder, centre_pooling=centre_pooling), DIM).double()
+    model = build_model(tiny_config(encoder=encoder), DIM).double()
     x = sets()
     assert torch.allclose(model(x), x, atol=1e-12)
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import helpers
@@ -17,8 +18,9 @@ from safetensors.torch import load_file
 import gmmt
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.fields import ConfigError
-from gmmt.config.presets import resolve_config
+from gmmt.config.presets import PresetStore
 from gmmt.data.gmm import TRAIN_STREAM, GMMSampler
+from gmmt.model import build_model
 from gmmt.training.checkpoint import latest_checkpoint, step_checkpoints
 from gmmt.training.experiment import ExperimentManager, TrainingDiverged, build_accelerator
 from gmmt.training.optim import build_optimizer, lr_factor
@@ -59,19 +61,6 @@ def test_run_writes_the_run_folder(tmp_path: Path) -> None:
     # The exported model is loadable without pickle and is the trained one.
     model = gmmt.load_model(run / "final")
     weights = load_file(str(run / "final" / "model.safetensors"))
-    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
-
-
-def test_centre_pooling_with_the_labelled_target_trains_and_reloads(tmp_path: Path) -> None:
-    config = helpers.small_config(tmp_path, "model.prediction.centre_pooling=true",
-                                  "training.loss.target=labelled_posterior_mean")
-    summary = ExperimentManager(config).run()
-    assert summary["steps"] == 4 and 0 < summary["model"]["mse"] < float("inf")
-    run = only_run(tmp_path)
-    weights = load_file(str(run / "final" / "model.safetensors"))
-    assert {"pooling.log_bandwidth", "pooling.gate.weight", "pooling.gate.bias"} <= weights.keys()
-    assert float(weights["pooling.gate.bias"]) != -2.0  # trained, not left at its start
-    model = gmmt.load_model(run / "final")
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
@@ -250,14 +239,38 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
-def test_flow_model_with_estimated_snr_trains(tmp_path: Path) -> None:
-    cfg = resolve_config("quick_test", model="tiny_flow", overrides=[
-        "device.device=cpu", f"paths.base_dir={tmp_path}", "training.num_epochs=1",
-        "training.steps_per_epoch=3", "training.batch_size=4", "training.scheduler.warmup_steps=0",
-        'data.sample_count_distribution={"type": "fixed", "value": 30}', "validation.num_sets=4",
-        "logging.wandb.enabled=false", "logging.progress_bar=false",
-        "model.transformer.flow.aux_loss_weight=0"]).config
-    assert ExperimentManager(cfg).run()["steps"] == 3
+# What makes each model variant what it is, seen in the model rebuilt from its saved files.
+VARIANT_FEATURES: dict[str, Callable[[torch.nn.Module], bool]] = {
+    "small_cycle": lambda m: m.schedule == [0, 1, 2, 3] * 2,
+    "small_layerwise": lambda m: m.schedule == [0, 0, 1, 1, 2, 2, 3, 3],
+    "small_grouped": lambda m: m.schedule == [0, 0, 0, 1, 2, 3, 3],
+    "small_flow": lambda m: m.flow is not None and m.flow.snr_source == "estimated",
+    "small_rf": lambda m: m.blocks[0].attn.kind == "random_feature",
+    "orthogonal": lambda m: hasattr(m.codec, "basis"),
+}
+
+
+def test_every_model_variant_preset_is_covered() -> None:
+    variants = {n for n in PresetStore().names("model") if n not in ("tiny", "small", "medium",
+                                                                       "large")}
+    assert variants == set(VARIANT_FEATURES) - {"orthogonal"}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANT_FEATURES))
+def test_model_variant_trains_saves_and_reloads(tmp_path: Path, variant: str) -> None:
+    extra = ["model.encoder=orthogonal"] if variant == "orthogonal" else []
+    config = helpers.small_config(tmp_path, "training.loss.target=labelled_posterior_mean",
+                                  *extra, model="small" if extra else variant)
+    summary = ExperimentManager(config).run()
+    assert summary["steps"] == 4 and 0 < summary["model"]["mse"] < float("inf")
+    run = only_run(tmp_path)
+    model = gmmt.load_model(run / "final")
+    assert VARIANT_FEATURES[variant](model)
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    torch.manual_seed(config.device.seed)
+    untrained = build_model(config.model, config.data.dim).state_dict()
+    assert any(not torch.equal(untrained[k], weights[k]) for k in weights)
 
 
 REPO = Path(__file__).resolve().parent.parent

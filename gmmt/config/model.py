@@ -129,10 +129,6 @@ class PredictionConfig:
         False, "also rotate each normalised set onto its principal axes (signs fixed by the "
         "third moment) and rotate the output back: the model sees sets in one canonical "
         "orientation and is rotation- and reflection-equivariant; needs set_normalization")
-    centre_pooling: bool = setting(
-        False, "finish by averaging the input points whose predicted centres lie near each "
-        "point's own (Gaussian kernel, learned bandwidth in units of the set's residual scale), "
-        "mixed in by a learned per-point gate: exact sample means on well separated clusters")
     output_smoothing: float = setting(
         0.0, "finish by averaging each point's predicted centre with the predictions near it "
         "(Gaussian kernel on the predictions); the value is the kernel's starting bandwidth in "

@@ -45,11 +45,10 @@ class LossConfig:
     type: Literal["mse", "energy", "wasserstein"] = setting(
         "mse", "mse: each prediction against its point's target (see target); energy / "
         "wasserstein: predicted cloud vs the weighted true centres")
-    target: Literal["centre", "posterior_mean", "labelled_posterior_mean"] = setting(
-        "centre", "mse only: centre = each point's true centre; posterior_mean = its posterior "
-        "mean under the true parameters; labelled_posterior_mean = its posterior mean given "
-        "the other points' labels, the weights and sigma (all three have the same minimiser; "
-        "each has less noise than the one before)")
+    target: Literal["centre", "labelled_posterior_mean"] = setting(
+        "centre", "mse only: centre = each point's true centre; labelled_posterior_mean = its "
+        "posterior mean given the other points' labels, the weights and sigma (both have the "
+        "same minimiser; the second carries less noise)")
     normalization: Literal["none", "noise_var", "snr_power", "log"] = setting(
         "noise_var", "per-set scaling: none; noise_var: / sigma^2; snr_power: / signal_var * "
         "snr^p; log: log(eps + loss / sigma^2)")

@@ -75,34 +75,21 @@ class GMMBatch:
         return torch.gather(self.centres, 1, index)
 
     @property
-    def posterior_mean(self) -> torch.Tensor:
-        """Each point's posterior-mean centre under the true parameters, sum_k r_k(x) mu_k,
-        [b, n, d] (the oracle's prediction). Computed in at least float32 (not float64, which
-        MPS and TPUs lack), returned in the points' dtype; padded points get 0."""
-        x = self.points.to(torch.promote_types(self.points.dtype, torch.float32))
-        if self.mask is not None:
-            x = x.masked_fill(~self.mask.unsqueeze(-1), 0.0)
-        resp = torch.softmax(posterior_logits(x, self.centres, self.weights, self.sigma), -1)
-        mean = resp @ self.centres.to(x.dtype)
-        if self.mask is not None:
-            mean = mean.masked_fill(~self.mask.unsqueeze(-1), 0.0)
-        return mean.to(self.points.dtype)
-
-    @property
     def labelled_posterior_mean(self) -> torch.Tensor:
         """Each point's posterior-mean centre given all points, the *other* points' labels,
         the true weights and sigma, under the centres' prior N(0, centre_scale^2 I), [b, n, d].
 
-        Like ``posterior_mean`` its expectation given the points alone is the Bayes estimate of
-        the point's centre, so it trains towards the same minimiser; unlike it, it does not
-        carry the true centres' offset from their clusters' sample means (on a well separated
-        cluster it is that cluster's sample mean, shrunk by the prior by ~1 / (n_k snr)).
+        By the tower property its expectation given the points alone is the Bayes estimate of
+        the point's centre, the same minimiser as the true centre's; unlike the true centre
+        it does not carry the centres' offset from their clusters' sample means, which nothing
+        that sees the points can predict (on a well separated cluster it is that cluster's
+        sample mean, shrunk by the prior by ~1 / (n_k snr)).
         Needs ``centre_scale``; padded points get 0. Computed in at least float32.
 
         It is the exact conditional mean when sigma is drawn independently of the centres.
         ``sample_gmm_batch`` sets sigma from the centres' spread and the SNR, a link this
         prior leaves out; the bias that leaves shrinks with the cluster sizes (measured in
-        benchmarks/README.md, "The labelled target").
+        docs/experiments.md).
 
         For point i and component k, with n' points and sum S' of the others labelled k and
         a = n' + sigma^2 / s^2: the centre's posterior from the others is N(S' / a, sigma^2 / a),

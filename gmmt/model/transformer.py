@@ -3,7 +3,7 @@
 points -> set normalisation (and rotation onto the principal axes, if enabled) -> encoder ->
 pre-LN blocks (run in ``block_schedule`` order, with shared weights when repeated, each step
 scaled by the flow speed s) -> final LayerNorm -> decoder -> (+ normalised input, in residual
-mode) -> (centre pooling, output smoothing, if enabled) -> undo the rotation and normalisation.
+mode) -> (output smoothing, if enabled) -> undo the rotation and normalisation.
 
 Shape legend: b sets, n points, d dims, D hidden width, L distinct blocks. ``mask`` is [b, n]
 bool (True = real point) or ``None`` when every set is full.
@@ -20,7 +20,6 @@ from torch.nn.utils.parametrizations import orthogonal
 from gmmt.config.model import ModelConfig, TransformerConfig
 from gmmt.model.attention import SetAttention
 from gmmt.model.flow import FlowSpeed
-from gmmt.model.pooling import CentrePooling, OutputSmoothing
 from gmmt.model.sets import (
     denormalize_set,
     from_principal_axes,
@@ -28,6 +27,7 @@ from gmmt.model.sets import (
     to_principal_axes,
     zero_padding,
 )
+from gmmt.model.smoothing import OutputSmoothing
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -121,7 +121,6 @@ class GMMTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(t, t.attention.feature_seed + i)
                                     for i in range(t.num_layers))
         self.ln_f = nn.LayerNorm(t.hidden_dim, eps=t.norm_eps)
-        self.pooling = CentrePooling(t.hidden_dim) if config.prediction.centre_pooling else None
         bandwidth = config.prediction.output_smoothing
         self.smoothing = OutputSmoothing(bandwidth) if bandwidth > 0 else None
         self.flow = (FlowSpeed(t.flow, input_dim, t.num_layers, self.schedule)
@@ -170,12 +169,9 @@ class GMMTransformer(nn.Module):
         h = self.codec.encode(z)  # [b, n, D]
         for i in self.schedule:
             h = self.blocks[i](h, mask, None if speeds is None else speeds[:, i])
-        features = self.ln_f(h)
-        out = self.codec.decode(features)  # [b, n, d]
+        out = self.codec.decode(self.ln_f(h))  # [b, n, d]
         if self.residual:
             out = z + out
-        if self.pooling is not None:
-            out = self.pooling(z, out, features, mask)
         if self.smoothing is not None:
             out = self.smoothing(z, out, mask)
         if self.set_normalization:

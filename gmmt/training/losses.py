@@ -203,8 +203,7 @@ def loss_per_set(config: LossConfig, pred: Tensor, batch: GMMBatch) -> Tensor:
     if pred.shape != batch.points.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} != points {tuple(batch.points.shape)}")
     if config.type == "mse":
-        # The other targets are named after the GMMBatch properties that compute them.
-        target = batch.target if config.target == "centre" else getattr(batch, config.target)
+        target = batch.target if config.target == "centre" else batch.labelled_posterior_mean
         return mse_per_set(pred, target, batch.mask)
     if config.type == "energy":
         return energy_distance_per_set(pred, batch.centres, batch.weights, batch.mask)
