@@ -1,13 +1,23 @@
 """Config classes: defaults, strict assignment, cross-field rules, the seed's snippets."""
 
 import json
+from typing import Any, Literal
 
 import pytest
 
-from gmmt.config.data import DistributionSpec
+from gmmt.config.converter import CONVERTER
+from gmmt.config.data import DISTRIBUTION_FIELDS, DistributionSpec
 from gmmt.config.experiment import ExperimentConfig
-from gmmt.config.fields import ConfigError, FieldProblem
-from gmmt.config.presets import get_preset_config
+from gmmt.config.fields import (
+    ConfigError,
+    FieldProblem,
+    coerce,
+    describe_type,
+    type_problem,
+    type_shape,
+)
+from gmmt.config.presets import PACKAGED_DIR, get_preset_config
+from gmmt.config.schema import _type_schema
 
 
 def problems_of(data: dict) -> list[str]:
@@ -201,3 +211,53 @@ def test_block_schedule_and_effective_depth() -> None:
     t.repetition.group_factors = [3, 1]
     assert t.block_schedule() == [0, 0, 0, 1, 2]
     assert t.effective_depth == 5
+
+
+NUMBER, TEXT = {"type": "number"}, {"type": "string"}
+SHAPES = [
+    (type(None), "null", "null", {"type": "null"}),
+    (bool, "bool", "bool", {"type": "boolean"}),
+    (int, "int", "int", {"type": "integer"}),
+    (float, "float", "float", NUMBER),
+    (str, "str", "str", TEXT),
+    (Literal["a", 1], "literal", "one of 'a', 1", {"enum": ["a", 1]}),
+    (float | None, "union", "float or null", {"anyOf": [NUMBER, {"type": "null"}]}),
+    (list[float], "list", "list of float", {"type": "array", "items": NUMBER}),
+    (tuple[float, str], "tuple", "list of float, str",
+     {"type": "array", "prefixItems": [NUMBER, TEXT], "minItems": 2, "maxItems": 2}),
+    (dict[str, float], "dict", "object with float values",
+     {"type": "object", "additionalProperties": NUMBER}),
+    (DistributionSpec, "class", "object (DistributionSpec)",
+     {"$ref": "#/$defs/DistributionSpec"}),
+]
+JSON_VALUES = [None, True, 0, 2, 1.5, "a", "x", [], [1, 2], [1.5, "a"], [1, "a", 2],
+               {"k": 1}, {"k": "x"}, {"type": "fixed", "value": 3}]
+
+
+@pytest.mark.parametrize(("tp", "kind", "words", "schema"), SHAPES)
+def test_one_type_shape_serves_wording_and_schema(tp: Any, kind: str, words: str,
+                                                  schema: dict) -> None:
+    assert type_shape(tp)[0] == kind
+    assert describe_type(tp) == words
+    assert _type_schema(tp, {}) == schema
+
+
+@pytest.mark.parametrize("tp", [tp for tp, kind, *_ in SHAPES if kind != "class"])
+@pytest.mark.parametrize("value", JSON_VALUES)
+def test_structuring_and_assignment_check_agree(tp: Any, value: Any) -> None:
+    """The converter accepts exactly what the on-assignment check accepts, widened alike."""
+    try:
+        built = CONVERTER.structure(value, tp)
+    except Exception:
+        assert type_problem(value, tp) is not None
+        return
+    assert type_problem(value, tp) is None
+    widened = coerce(value, tp)
+    assert built == widened
+    assert repr(built) == repr(widened)  # same types too: 2.0 not 2, a tuple not a list
+
+
+def test_distribution_fields_are_the_data_param_preset_folders() -> None:
+    assert sorted(DISTRIBUTION_FIELDS) == sorted(
+        p.name for p in (PACKAGED_DIR / "data_params").iterdir() if p.is_dir())
+

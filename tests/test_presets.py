@@ -1,5 +1,6 @@
 """Layered presets: every packaged preset, layering order, user folders, inheritance, errors."""
 
+import inspect
 import json
 from pathlib import Path
 
@@ -126,6 +127,16 @@ def test_registry_mix_and_match() -> None:
     assert (cfg.device.device, cfg.metadata.exp_name) == ("cuda", "my_experiment")
     assert cfg.metadata.component_presets == {"model": "medium", "training": "standard",
                                               "data": "complex", "validation": "comprehensive"}
+
+
+def test_registry_keeps_the_seed_signature() -> None:
+    params = list(inspect.signature(ExperimentRegistry.get_experiment_config).parameters)
+    assert params[:6] == ["model_name", "training_preset", "data_preset", "validation_preset",
+                          "device", "exp_name"]
+    cfg = ExperimentRegistry.get_experiment_config("medium", None, "complex", None, "cpu", "pos")
+    assert cfg.metadata.component_presets["model"] == "medium"
+    assert cfg.metadata.component_presets["data"] == "complex"
+    assert (cfg.device.device, cfg.metadata.exp_name) == ("cpu", "pos")
 
 
 def test_seed_preset_api() -> None:

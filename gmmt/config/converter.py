@@ -8,7 +8,7 @@ float. Every problem in a document is reported at once, each as ``message @ $.js
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, TypeVar
 
 import attrs
 from cattrs import Converter
@@ -24,14 +24,18 @@ from cattrs.v import transform_error
 
 from gmmt.config.data import DistributionSpec
 from gmmt.config.fields import (
+    CONTAINERS,
     ConfigError,
     FieldProblem,
     close_matches,
+    coerce,
     collect_problems,
-    describe_type,
+    container_items,
     describe_value,
-    literal_problem,
+    mismatch,
+    rebuild,
     type_problem,
+    type_shape,
 )
 
 T = TypeVar("T")
@@ -41,23 +45,12 @@ class _ValueProblem(ValueError):
     """A value-level problem raised while structuring (message only; the path comes later)."""
 
 
-def _strict_primitive(tp: type) -> Any:
+def _leaf_hook(tp: Any) -> Any:
     def hook(value: Any, _: Any) -> Any:
         problem = type_problem(value, tp)
         if problem:
             raise _ValueProblem(problem)
-        return float(value) if tp is float else value
-
-    return hook
-
-
-def _literal_hook(tp: Any) -> Any:
-    choices = get_args(tp)
-
-    def hook(value: Any, _: Any) -> Any:
-        if type_problem(value, tp):
-            raise _ValueProblem(literal_problem(value, choices))
-        return value
+        return coerce(value, tp)
 
     return hook
 
@@ -67,70 +60,44 @@ def _with_note(exc: Exception, note: str) -> Exception:
     return exc
 
 
+def _kind(tp: Any) -> str:
+    return type_shape(tp)[0]
+
+
 def _make_converter() -> Converter:
     conv = Converter(forbid_extra_keys=True, detailed_validation=True)
-    for tp in (int, float, str, bool):
-        conv.register_structure_hook(tp, _strict_primitive(tp))
-    conv.register_structure_hook_factory(lambda t: get_origin(t) is Literal, _literal_hook)
 
-    def items(values: list | tuple, item_tps: list[Any], tp: Any) -> list:
-        """Structure each item, collecting every failure with its index."""
-        out, errors = [], []
-        for i, (item, item_tp) in enumerate(zip(values, item_tps)):
-            try:
-                out.append(conv.structure(item, item_tp))
-            except Exception as exc:
-                errors.append(_with_note(exc, IterableValidationNote(f"item {i}", i, item_tp)))
-        if errors:
-            raise IterableValidationError("invalid list", errors, tp)
-        return out
+    def container_hook(tp: Any) -> Any:
+        """Structure every item of a list, tuple or dict, collecting each failure at its index
+        or key."""
+        kind, args = type_shape(tp)
 
-    def list_hook(tp: Any) -> Any:
-        (item_tp,) = get_args(tp)
-
-        def hook(value: Any, _: Any) -> list:
-            if not isinstance(value, list):
-                raise _ValueProblem(f"expected {describe_type(tp)}, got {describe_value(value)}")
-            return items(value, [item_tp] * len(value), tp)
-
-        return hook
-
-    def tuple_hook(tp: Any) -> Any:
-        item_tps = list(get_args(tp))
-
-        def hook(value: Any, _: Any) -> tuple:
-            if not isinstance(value, (list, tuple)) or len(value) != len(item_tps):
-                raise _ValueProblem(f"expected {describe_type(tp)}, got {describe_value(value)}")
-            return tuple(items(value, item_tps, tp))
-
-        return hook
-
-    def dict_hook(tp: Any) -> Any:
-        key_tp, val_tp = get_args(tp)
-
-        def hook(value: Any, _: Any) -> dict:
-            if not isinstance(value, Mapping):
-                raise _ValueProblem(f"expected {describe_type(tp)}, got {describe_value(value)}")
-            out, errors = {}, []
-            for key, item in value.items():
+        def hook(value: Any, _: Any) -> Any:
+            items = container_items(value, tp)
+            if items is None:
+                raise _ValueProblem(mismatch(value, tp))
+            out, errors = [], []
+            for key, item, item_tp in items:
                 try:
-                    out[conv.structure(key, key_tp)] = conv.structure(item, val_tp)
+                    done_key = conv.structure(key, args[0]) if kind == "dict" else key
+                    out.append((done_key, conv.structure(item, item_tp)))
                 except Exception as exc:
-                    note = IterableValidationNote(f"key {key}", key, val_tp)
+                    note = IterableValidationNote(f"{kind} item {key!r}", key, item_tp)
                     errors.append(_with_note(exc, note))
             if errors:
-                raise IterableValidationError("invalid mapping", errors, tp)
-            return out
+                raise IterableValidationError(f"invalid {kind}", errors, tp)
+            return rebuild(tp, out)
 
         return hook
 
-    conv.register_structure_hook_factory(lambda t: get_origin(t) is list, list_hook)
-    conv.register_structure_hook_factory(lambda t: get_origin(t) is tuple, tuple_hook)
-    conv.register_structure_hook_factory(lambda t: get_origin(t) is dict, dict_hook)
+    for tp in (type(None), int, float, str, bool):  # by type: a factory loses to cattrs hooks
+        conv.register_structure_hook(tp, _leaf_hook(tp))
+    conv.register_structure_hook_factory(lambda t: _kind(t) == "literal", _leaf_hook)
+    conv.register_structure_hook_factory(lambda t: _kind(t) in CONTAINERS, container_hook)
     conv.register_structure_hook_factory(attrs.has, lambda cls: _attrs_hook(conv, cls))
 
     conv.register_unstructure_hook_factory(
-        lambda t: get_origin(t) is tuple or t is tuple, lambda _t: lambda v: list(v))
+        lambda t: t is tuple or _kind(t) == "tuple", lambda _t: lambda v: list(v))
     conv.register_unstructure_hook(
         DistributionSpec,
         lambda spec: {f.name: conv.unstructure(getattr(spec, f.name))

@@ -3,6 +3,8 @@
 import math
 from typing import Literal
 
+import attrs
+
 from gmmt.config.fields import config_class, non_empty, positive, setting
 
 DistributionType = Literal[
@@ -141,3 +143,8 @@ class DataConfig:
         """The largest N the sample-count distribution can draw."""
         return round(self.sample_count_distribution.support()[1])
 
+
+# The fields holding a distribution. Each name also has presets in data_params/<name>/, and a layer
+# that gives one of them a new ``type`` replaces it whole, wherever it sits (the training
+# curriculum has a sample_count_distribution too).
+DISTRIBUTION_FIELDS = tuple(f.name for f in attrs.fields(DataConfig) if f.type is DistributionSpec)

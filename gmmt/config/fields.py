@@ -10,8 +10,9 @@ annotations``): the checks are built from them when the class is created.
 """
 
 import difflib
+import functools
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
 import attrs
@@ -36,31 +37,77 @@ class FieldProblem(TypeError, ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Type descriptions and checks derived from annotations.
+# Annotations. What kind of type an annotation is gets decided here, once (type_shape); the type
+# check and widening below, the converter's hooks and the JSON Schema all switch on that answer.
+
+_SCALARS = {type(None): "null", bool: "bool", int: "int", float: "float", str: "str"}
+CONTAINERS = ("list", "tuple", "dict")
 
 
 def _is_union(tp: Any) -> bool:
     return get_origin(tp) in (Union, types.UnionType)
 
 
+@functools.cache
+def type_shape(tp: Any) -> tuple[str, tuple[Any, ...]]:
+    """``(kind, args)`` of an annotation.
+
+    kind is ``any``, ``null``, ``bool``, ``int``, ``float``, ``str`` (args empty), ``literal``
+    (args: the choices), ``union`` (the arms), ``list`` (the item type), ``tuple`` (the item
+    types), ``dict`` (key and value types), ``class`` (the attrs config class) or ``other``.
+    """
+    if tp is Any:
+        return "any", ()
+    if tp in _SCALARS:
+        return _SCALARS[tp], ()
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "literal", get_args(tp)
+    if _is_union(tp):
+        return "union", get_args(tp)
+    if origin in (list, tuple, dict):
+        return origin.__name__, get_args(tp)
+    if attrs.has(tp):
+        return "class", (tp,)
+    return "other", ()
+
+
+def container_items(value: Any, tp: Any) -> list[tuple[Any, Any, Any]] | None:
+    """``(index or key, item, item annotation)`` of each item of a list, tuple or dict value;
+    ``None`` when ``value`` is not that container (a tuple needs its exact length)."""
+    kind, args = type_shape(tp)
+    if kind == "list" and isinstance(value, list):
+        return [(i, item, args[0]) for i, item in enumerate(value)]
+    if kind == "tuple" and isinstance(value, (tuple, list)) and len(value) == len(args):
+        return list(zip(range(len(args)), value, args, strict=True))
+    if kind == "dict" and isinstance(value, Mapping):
+        return [(key, item, args[1]) for key, item in value.items()]
+    return None
+
+
+def rebuild(tp: Any, pairs: list[tuple[Any, Any]]) -> Any:
+    """The list, tuple or dict of annotation ``tp`` from ``(index or key, item)`` pairs."""
+    kind, _ = type_shape(tp)
+    if kind == "dict":
+        return dict(pairs)
+    items = [item for _, item in pairs]
+    return tuple(items) if kind == "tuple" else items
+
+
 def describe_type(tp: Any) -> str:
     """Human wording of an annotation: ``int``, ``one of 'a', 'b'``, ``list of float``."""
-    origin = get_origin(tp)
-    if tp is type(None):
-        return "null"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if _is_union(tp):
-        return " or ".join(describe_type(a) for a in get_args(tp))
-    if origin is list:
-        return f"list of {describe_type(get_args(tp)[0])}"
-    if origin is tuple:
-        return "list of " + ", ".join(describe_type(a) for a in get_args(tp))
-    if origin is dict:
-        return f"object with {describe_type(get_args(tp)[1])} values"
-    if attrs.has(tp):
+    kind, args = type_shape(tp)
+    if kind == "literal":
+        return "one of " + ", ".join(repr(a) for a in args)
+    if kind == "union":
+        return " or ".join(describe_type(a) for a in args)
+    if kind in ("list", "tuple"):
+        return "list of " + ", ".join(describe_type(a) for a in args)
+    if kind == "dict":
+        return f"object with {describe_type(args[1])} values"
+    if kind == "class":
         return f"object ({tp.__name__})"
-    return getattr(tp, "__name__", repr(tp))
+    return _SCALARS.get(tp) or getattr(tp, "__name__", repr(tp))
 
 
 def describe_value(value: Any) -> str:
@@ -68,6 +115,11 @@ def describe_value(value: Any) -> str:
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(value).__name__} {text}"
+
+
+def mismatch(value: Any, tp: Any) -> str:
+    """``expected <type>, got <value>``."""
+    return f"expected {describe_type(tp)}, got {describe_value(value)}"
 
 
 def close_matches(word: str, choices: Sequence[str]) -> list[str]:
@@ -88,88 +140,51 @@ def _same_literal(value: Any, choice: Any) -> bool:
     return type(value) is type(choice) and value == choice
 
 
+def _is_instance(value: Any, tp: type) -> bool:
+    """isinstance as JSON sees it: a bool is no number, and an int is also a float."""
+    if isinstance(value, bool):
+        return tp is bool
+    return isinstance(value, (int, float) if tp is float else tp)
+
+
 def type_problem(value: Any, tp: Any) -> str | None:
     """Return why ``value`` does not fit annotation ``tp`` (``None`` when it fits).
 
     Strict: bool is not an int, an int is not a str, a float is not an int; an int *is*
     accepted where a float is expected (JSON has one number type).
     """
-    origin = get_origin(tp)
-    if tp is Any:
+    kind, args = type_shape(tp)
+    if kind == "any":
         return None
-    if tp is type(None):
-        return None if value is None else f"expected null, got {describe_value(value)}"
-    if origin is Literal:
-        choices = get_args(tp)
-        if any(_same_literal(value, c) for c in choices):
-            return None
-        return literal_problem(value, choices)
-    if _is_union(tp):
-        arms = get_args(tp)
-        if value is None and type(None) in arms:
-            return None
-        for arm in arms:
-            if arm is not type(None) and type_problem(value, arm) is None:
-                return None
-        return f"expected {describe_type(tp)}, got {describe_value(value)}"
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif tp is str:
-        ok = isinstance(value, str)
-    elif origin is list:
-        if not isinstance(value, list):
-            return f"expected {describe_type(tp)}, got {describe_value(value)}"
-        for i, item in enumerate(value):
-            inner = type_problem(item, get_args(tp)[0])
+    if kind == "literal":
+        return None if any(_same_literal(value, c) for c in args) else literal_problem(value, args)
+    if kind == "union":
+        return None if any(type_problem(value, a) is None for a in args) else mismatch(value, tp)
+    if kind in CONTAINERS:
+        items = container_items(value, tp)
+        if items is None:
+            return mismatch(value, tp)
+        label = "key" if kind == "dict" else "item"
+        for key, item, item_tp in items:
+            inner = (kind == "dict" and type_problem(key, args[0])) or type_problem(item, item_tp)
             if inner:
-                return f"item {i}: {inner}"
+                return f"{label} {key!r}: {inner}"
         return None
-    elif origin is tuple:
-        args = get_args(tp)
-        if not isinstance(value, (tuple, list)) or len(value) != len(args):
-            return f"expected {describe_type(tp)}, got {describe_value(value)}"
-        for i, (item, arg) in enumerate(zip(value, args)):
-            inner = type_problem(item, arg)
-            if inner:
-                return f"item {i}: {inner}"
-        return None
-    elif origin is dict:
-        if not isinstance(value, dict):
-            return f"expected {describe_type(tp)}, got {describe_value(value)}"
-        key_tp, val_tp = get_args(tp)
-        for key, item in value.items():
-            inner = type_problem(key, key_tp) or type_problem(item, val_tp)
-            if inner:
-                return f"key {key!r}: {inner}"
-        return None
-    elif isinstance(tp, type):
-        ok = isinstance(value, tp)
-    else:  # pragma: no cover - only reached by an annotation we do not support
-        raise TypeError(f"unsupported config annotation {tp!r}")
-    return None if ok else f"expected {describe_type(tp)}, got {describe_value(value)}"
+    return None if _is_instance(value, tp) else mismatch(value, tp)
 
 
 def coerce(value: Any, tp: Any) -> Any:
     """Lossless widening applied before checks: int -> float, list -> tuple (recursively)."""
-    origin = get_origin(tp)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    kind, args = type_shape(tp)
+    if kind == "float" and _is_instance(value, int):
         return float(value)
-    if _is_union(tp) and value is not None:
-        for arm in get_args(tp):
-            if arm is not type(None) and type_problem(value, arm) is None:
-                return coerce(value, arm)
+    if kind == "union":
+        arm = next((a for a in args if type_problem(value, a) is None), None)
+        return value if arm is None else coerce(value, arm)
+    items = container_items(value, tp)
+    if items is None:
         return value
-    if origin is list and isinstance(value, list):
-        return [coerce(v, get_args(tp)[0]) for v in value]
-    if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(get_args(tp)):
-        return tuple(coerce(v, a) for v, a in zip(value, get_args(tp)))
-    if origin is dict and isinstance(value, dict):
-        return {k: coerce(v, get_args(tp)[1]) for k, v in value.items()}
-    return value
+    return rebuild(tp, [(key, coerce(item, item_tp)) for key, item, item_tp in items])
 
 
 def _type_validator(tp: Any) -> Callable[[Any, attrs.Attribute, Any], None]:

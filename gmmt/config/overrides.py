@@ -4,12 +4,8 @@ import copy
 import json
 from typing import Any
 
+from gmmt.config.data import DISTRIBUTION_FIELDS
 from gmmt.config.fields import ConfigError
-
-# Distribution specs (under these keys, wherever they sit) are replaced whole when a layer
-# names a new ``type``: merging the old type's parameters into a new type would only produce
-# "not used by type" errors.
-DISTRIBUTION_KEYS = {"cluster_params", "snr_db_params", "sample_count_distribution"}
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -17,7 +13,9 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in overlay.items():
         old = out.get(key)
-        typed_replace = key in DISTRIBUTION_KEYS and isinstance(value, dict) and "type" in value
+        # A distribution given a new type is replaced whole: the old type's parameters merged
+        # into it would only be reported as "not used by type".
+        typed_replace = key in DISTRIBUTION_FIELDS and isinstance(value, dict) and "type" in value
         if isinstance(old, dict) and isinstance(value, dict) and not typed_replace:
             out[key] = deep_merge(old, value)
         else:

@@ -24,13 +24,13 @@ from typing import Any
 from attrs import define
 
 from gmmt.config.converter import load_json, structure, unstructure
+from gmmt.config.data import DISTRIBUTION_FIELDS
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.fields import ConfigError, close_matches
 from gmmt.config.overrides import assignment_layer, deep_merge, nested
 
 PACKAGED_DIR = Path(__file__).resolve().parent.parent / "configs"
 COMPONENTS = ("model", "training", "data", "validation")
-DATA_PARAM_FIELDS = ("cluster_params", "snr_db_params", "sample_count_distribution")
 EXPERIMENT_KEYS = ("description", "extends", *COMPONENTS, "overrides")
 DEFAULT_EXPERIMENT = "quick_test"
 META_KEYS = ("description", "extends")
@@ -153,7 +153,7 @@ class PresetStore:
                 section = section.get(key) if isinstance(section, dict) else None
             if not isinstance(section, dict):
                 continue
-            for field in DATA_PARAM_FIELDS:
+            for field in DISTRIBUTION_FIELDS:
                 if isinstance(section.get(field), str):
                     try:
                         section[field] = self.resolve(f"data_params/{field}", section[field])

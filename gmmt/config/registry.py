@@ -2,6 +2,7 @@
 
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.presets import (
+    COMPONENTS,
     DEFAULT_EXPERIMENT,
     PresetStore,
     get_preset_description,
@@ -27,10 +28,9 @@ class ExperimentRegistry:
     ) -> ExperimentConfig:
         """An ExperimentConfig from component presets; unnamed components come from
         ``experiment_preset``."""
-        return resolve_config(
-            experiment_preset, model=model_name, training=training_preset, data=data_preset,
-            validation=validation_preset, device=device, exp_name=exp_name,
-        ).config
+        names = (model_name, training_preset, data_preset, validation_preset)
+        return resolve_config(experiment_preset, device=device, exp_name=exp_name,
+                              **dict(zip(COMPONENTS, names, strict=True))).config
 
     list_experiments = staticmethod(list_experiment_presets)
     list_components = staticmethod(list_component_presets)

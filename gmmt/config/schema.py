@@ -1,12 +1,12 @@
 """JSON Schema (draft 2020-12) of ExperimentConfig, for editors and validators."""
 
-from typing import Any, Literal, get_args, get_origin
+from typing import Any
 
 import attrs
 
 from gmmt.config.converter import unstructure
 from gmmt.config.experiment import ExperimentConfig
-from gmmt.config.fields import _is_union
+from gmmt.config.fields import type_shape
 
 
 def _bounds(validator: Any) -> dict[str, Any]:
@@ -22,31 +22,27 @@ def _bounds(validator: Any) -> dict[str, Any]:
     return out
 
 
+_JSON_TYPES = {"null": "null", "bool": "boolean", "int": "integer", "float": "number",
+               "str": "string"}
+
+
 def _type_schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
-    origin = get_origin(tp)
-    if tp is type(None):
-        return {"type": "null"}
-    if tp is bool:
-        return {"type": "boolean"}
-    if tp is int:
-        return {"type": "integer"}
-    if tp is float:
-        return {"type": "number"}
-    if tp is str:
-        return {"type": "string"}
-    if origin is Literal:
-        return {"enum": list(get_args(tp))}
-    if _is_union(tp):
-        return {"anyOf": [_type_schema(a, defs) for a in get_args(tp)]}
-    if origin is list:
-        return {"type": "array", "items": _type_schema(get_args(tp)[0], defs)}
-    if origin is tuple:
-        items = [_type_schema(a, defs) for a in get_args(tp)]
+    kind, args = type_shape(tp)
+    if kind in _JSON_TYPES:
+        return {"type": _JSON_TYPES[kind]}
+    if kind == "literal":
+        return {"enum": list(args)}
+    if kind == "union":
+        return {"anyOf": [_type_schema(a, defs) for a in args]}
+    if kind == "list":
+        return {"type": "array", "items": _type_schema(args[0], defs)}
+    if kind == "tuple":
+        items = [_type_schema(a, defs) for a in args]
         return {"type": "array", "prefixItems": items, "minItems": len(items),
                 "maxItems": len(items)}
-    if origin is dict:
-        return {"type": "object", "additionalProperties": _type_schema(get_args(tp)[1], defs)}
-    if attrs.has(tp):
+    if kind == "dict":
+        return {"type": "object", "additionalProperties": _type_schema(args[1], defs)}
+    if kind == "class":
         _class_schema(tp, defs)
         return {"$ref": f"#/$defs/{tp.__name__}"}
     raise TypeError(f"no JSON schema for {tp!r}")
