@@ -28,8 +28,8 @@ from gmmt import load_model
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.fields import ConfigError
 from gmmt.data.gmm import GMMSampler, make_generator
-from gmmt.evaluate import preset_data
 from gmmt.evaluation.baselines import run_baseline
+from gmmt.evaluation.held_out import preset_data
 from gmmt.evaluation.metrics import centre_mse_per_set, gap_closed
 
 EXIT_USAGE = 2
@@ -59,7 +59,7 @@ def per_set_errors(saved: ExperimentConfig, models: list[torch.nn.Module], data_
     """MSE per set of EM [s], the oracle [s] and every model [models, s] on one bank of
     s = ``num_sets`` sets."""
     try:
-        sampler = GMMSampler(preset_data(data_preset, ()), seed)
+        sampler = GMMSampler(preset_data(data_preset), seed)
     except (ConfigError, KeyError) as error:
         raise UsageError(str(error)) from None
     em, oracle, model_errors = [], [], []

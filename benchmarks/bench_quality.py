@@ -1,7 +1,7 @@
 """Quality of the CPU-trainable reference model against oracle / EM / k-means / identity.
 
 Trains the ``cpu_reference`` experiment preset (or takes a finished run with ``--run``), then
-scores its final model with ``gmmt.evaluate`` on held-out sets of the ``simple`` prior (a data
+scores its final model as ``gmmt.evaluate`` does on held-out sets of the ``simple`` prior (a data
 stream never used in training or validation): overall, per SNR bin, per K and per separation,
 and on sets of one fixed size each (``--set-sizes``, half as many sets). ``cpu_reference``
 trains on ``simple`` too, most of its steps on smaller sets (``training.curriculum``: cheaper
@@ -16,11 +16,9 @@ Usage: ``python benchmarks/bench_quality.py [--run RUN_DIR | --set KEY=VALUE ...
 """
 
 import argparse
-import io
 import json
 import sys
 import time
-from contextlib import redirect_stdout
 from datetime import date
 from pathlib import Path
 
@@ -35,9 +33,13 @@ from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.fields import ConfigError
 from gmmt.config.presets import resolve_config
 from gmmt.config.validation import EMConfig
-from gmmt.evaluate import evaluate as run_evaluation
-from gmmt.evaluate import evaluation_config, preset_data
-from gmmt.evaluate import main as evaluate_main
+from gmmt.evaluation.held_out import (
+    evaluate_saved_model,
+    evaluation_config,
+    preset_data,
+    score_held_out,
+)
+from gmmt.evaluation.results import Results, Scores
 from gmmt.training.experiment import ExperimentManager
 
 METHODS = ("model", "oracle", "em", "kmeans", "identity")
@@ -51,14 +53,12 @@ def train(base_dir: Path, overrides: list[str]) -> tuple[Path, float]:
     return Path(summary["run_dir"]), time.time() - start
 
 
-def evaluate(run_dir: Path, num_sets: int, data_preset: str) -> dict:
-    buffer = io.StringIO()
-    with redirect_stdout(buffer):
-        code = evaluate_main([str(run_dir), "--num-sets", str(num_sets), "--json",
-                              "--device", "cpu", "--data-preset", data_preset])
-    if code != 0:
-        raise SystemExit(f"gmmt.evaluate failed with exit code {code}")
-    return json.loads(buffer.getvalue())
+def evaluate(run_dir: Path, num_sets: int, data_preset: str) -> Results:
+    """Every baseline and breakdown on the held-out bank (also written to the run's
+    evaluation/ folder, as ``gmmt.evaluate`` writes it)."""
+    result, _ = evaluate_saved_model(run_dir, data_preset=data_preset, num_sets=num_sets,
+                                     device="cpu", progress=False)
+    return Results.from_json(result)
 
 
 def load_run(run_dir: Path) -> tuple[ExperimentConfig, torch.nn.Module]:
@@ -73,11 +73,11 @@ def single_start_em(saved: ExperimentConfig, model: torch.nn.Module, num_sets: i
     em = EMConfig(n_init=1, max_iter=saved.validation.em.max_iter, tol=saved.validation.em.tol)
     config = evaluation_config(saved, num_sets, 32, ["em", "oracle"])
     config.em = em
-    metrics, _, _ = run_evaluation(model, preset_data(data_preset, ()), config,
-                                   saved.device.seed, torch.device("cpu"), progress=False)
-    return {"mse": metrics["baselines.em.mse"],
-            "mse_over_noise": metrics["baselines.em.mse_over_noise"],
-            "gap_closed": metrics.get("gap_closed")}
+    results, _ = score_held_out(model, preset_data(data_preset), config, saved.device.seed,
+                                torch.device("cpu"), progress=False)
+    return {"mse": results.overall["em"]["mse"],
+            "mse_over_noise": results.overall["em"]["mse_over_noise"],
+            "gap_closed": results.model.get("gap_closed")}
 
 
 def by_set_size(saved: ExperimentConfig, model: torch.nn.Module, data_preset: str,
@@ -89,40 +89,46 @@ def by_set_size(saved: ExperimentConfig, model: torch.nn.Module, data_preset: st
     keeps up.
     """
     config = evaluation_config(saved, num_sets, 32, ["em", "oracle"])
-    data = preset_data(data_preset, ())
+    data = preset_data(data_preset)
     rows = {}
     for size in sizes:
         fixed = attrs.evolve(data, sample_count_distribution=DistributionSpec(type="fixed",
                                                                                value=size))
         check(fixed)  # the cross-field rules: e.g. a size below 1 is refused here
-        metrics, _, _ = run_evaluation(model, fixed, config, saved.device.seed,
-                                       torch.device("cpu"), progress=False)
-        rows[str(size)] = {"model": metrics["mse"], "em": metrics["baselines.em.mse"],
-                           "oracle": metrics["baselines.oracle.mse"],
-                           "gap_closed": metrics.get("gap_closed")}
+        results, _ = score_held_out(model, fixed, config, saved.device.seed,
+                                    torch.device("cpu"), progress=False)
+        overall = results.overall
+        rows[str(size)] = {"model": overall["model"]["mse"], "em": overall["em"]["mse"],
+                           "oracle": overall["oracle"]["mse"],
+                           "gap_closed": results.model.get("gap_closed")}
     return rows
 
 
-def method_row(group: dict, name: str) -> dict:
-    return group["model"] if name == "model" else group["baselines"].get(name, {})
+def column(scores: Scores, metric: str) -> dict[str, float | None]:
+    """``metric`` of every method of METHODS in one group (None where it was not scored)."""
+    return {m: scores.get(m, {}).get(metric) for m in METHODS}
 
 
-def by_separation(result: dict) -> dict:
+def by_separation(results: Results) -> dict:
     """Raw MSE per closest-centre separation bin, with the bin's set count and its contribution
     to the overall MSE difference model - EM (sets / all sets x the bin's difference; the
     contributions sum to the overall difference, whose sign decides gap_closed's)."""
-    counts = result.get("sets_per_bin", {})
-    rows = {}
-    for label, group in result.get("by_sep", {}).items():
-        row = {m: method_row(group, m).get("mse") for m in METHODS}
-        row["sets"] = counts.get(f"by_sep.{label}", 0)
-        rows[label] = row
+    counts = results.counts.get("by_sep", {})
+    rows = {label: {**column(scores, "mse"), "sets": counts.get(label, 0)}
+            for label, scores in results.breakdowns.get("by_sep", {}).items()}
     total_sets = sum(row["sets"] for row in rows.values())
     for row in rows.values():
         if row["model"] is not None and row["em"] is not None and total_sets:
             row["contribution_to_model_minus_em"] = (row["sets"] / total_sets
                                                      * (row["model"] - row["em"]))
     return rows
+
+
+def by_bin(results: Results, kind: str) -> dict:
+    """MSE / sigma^2 of every method and the model's gap_closed in each bin of a breakdown."""
+    return {label: column(scores, "mse_over_noise")
+            | {"gap_closed": scores["model"].get("gap_closed")}
+            for label, scores in results.breakdowns.get(kind, {}).items()}
 
 
 def main() -> None:
@@ -158,15 +164,11 @@ def main() -> None:
         "run_dir": str(run_dir), "train_wall_s": None if train_s is None else round(train_s),
         "train_steps": summary["steps"], "parameters": summary["parameters"],
         "held_out_sets": args.num_sets, "held_out_prior": args.data_preset,
-        "overall": {m: method_row(result, m) for m in METHODS},
-        "gap_closed": result["model"].get("gap_closed"),
+        "overall": {m: result.overall.get(m, {}) for m in METHODS},
+        "gap_closed": result.model.get("gap_closed"),
         "em_single_start": single_start_em(saved, model, args.num_sets, args.data_preset),
-        "by_snr": {label: {m: method_row(g, m).get("mse_over_noise") for m in METHODS}
-                   | {"gap_closed": g["model"].get("gap_closed")}
-                   for label, g in result.get("by_snr", {}).items()},
-        "by_k": {label: {m: method_row(g, m).get("mse_over_noise") for m in METHODS}
-                 | {"gap_closed": g["model"].get("gap_closed")}
-                 for label, g in result.get("by_k", {}).items()},
+        "by_snr": by_bin(result, "by_snr"),
+        "by_k": by_bin(result, "by_k"),
         "by_separation": by_separation(result),
         "by_set_size": by_set_size(saved, model, args.data_preset, args.set_sizes,
                                    args.num_sets // 2),

@@ -1,16 +1,62 @@
-"""gmmt: transformers that denoise sets drawn from unknown Gaussian mixtures."""
+"""gmmt: transformers that denoise sets drawn from unknown Gaussian mixtures.
 
-from pathlib import Path
-from typing import Any
+The public API::
+
+    from gmmt import ExperimentConfig, ExperimentManager, get_preset_config, load_model
+
+Names are imported on first use, so ``import gmmt`` (and the configuration API) does not pay
+for torch and Accelerate until a model or a trainer is needed.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
+_EXPORTS = {
+    "ConfigError": "gmmt.config.fields",
+    "ExperimentConfig": "gmmt.config.experiment",
+    "ExperimentManager": "gmmt.training.experiment",
+    "ExperimentRegistry": "gmmt.config.registry",
+    "get_preset_config": "gmmt.config.presets",
+    "get_preset_description": "gmmt.config.presets",
+    "list_experiment_presets": "gmmt.config.presets",
+    "load_model": "gmmt.saved_model",
+}
 
-def load_model(path: str | Path, device: str = "cpu") -> Any:
-    """Rebuild a trained model from a run's ``final/`` or ``best/`` folder (no unpickling)."""
-    from gmmt.training.checkpoint import load_model as _load
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "ExperimentManager",
+    "ExperimentRegistry",
+    "__version__",
+    "get_preset_config",
+    "get_preset_description",
+    "list_experiment_presets",
+    "load_model",
+]
 
-    return _load(path, device)
+if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports lazily
+    from gmmt.config.experiment import ExperimentConfig
+    from gmmt.config.fields import ConfigError
+    from gmmt.config.presets import (
+        get_preset_config,
+        get_preset_description,
+        list_experiment_presets,
+    )
+    from gmmt.config.registry import ExperimentRegistry
+    from gmmt.saved_model import load_model
+    from gmmt.training.experiment import ExperimentManager
 
 
-__all__ = ["__version__", "load_model"]
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gmmt' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -11,7 +11,8 @@ from helpers import small_config
 
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.data.gmm import validation_bank
-from gmmt.evaluate import ALL_BASELINES, evaluate, evaluation_config, main
+from gmmt.evaluate import main
+from gmmt.evaluation.held_out import ALL_BASELINES, evaluation_config, score_held_out
 from gmmt.training.experiment import ExperimentManager
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -73,8 +74,8 @@ def test_evaluate_prints_the_table_and_writes_every_result(
         assert all(set(g["baselines"]) == set(ALL_BASELINES) for g in groups.values())
     assert result["stream"] == "evaluation" and result["num_sets"] == 12
     for kind in ("by_snr", "by_k", "by_sep"):
-        assert sum(n for key, n in result["sets_per_bin"].items()
-                   if key.startswith(kind + ".")) == 12
+        assert sum(result["sets_per_bin"][kind].values()) == 12
+        assert set(result["sets_per_bin"][kind]) == set(result[kind])
     assert (folder / "evaluation.md").read_text() == out
     assert result["plots"] == ["error_vs_snr.png", "sample_grid.png", "training_curves.png"]
     assert all(is_png(folder / name) for name in result["plots"])
@@ -102,15 +103,15 @@ def test_the_bank_is_not_the_validation_bank(run_dir: Path) -> None:
         def forward(self, points, mask=None, snr_db=None):
             return points
 
-    metrics, first, counts = evaluate(Identity(), saved.data, config, saved.device.seed,
-                                      torch.device("cpu"), progress=False)
+    results, first = score_held_out(Identity(), saved.data, config, saved.device.seed,
+                                    torch.device("cpu"), progress=False)
     validation = validation_bank(saved.data, saved.device.seed, 4, 4)[0]
     assert first.points.shape == validation.points.shape
     assert not torch.equal(first.points, validation.points)
-    assert metrics["mse"] == pytest.approx(metrics["baselines.identity.mse"])
+    assert results.model["mse"] == pytest.approx(results.overall["identity"]["mse"])
     # every breakdown's bins hold all 4 sets between them
     for kind in ("by_snr", "by_k", "by_sep"):
-        assert sum(n for key, n in counts.items() if key.startswith(kind + ".")) == 4
+        assert sum(results.counts[kind].values()) == 4
 
 
 @pytest.mark.parametrize("args, message", [

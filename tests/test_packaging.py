@@ -42,3 +42,26 @@ def test_wheel_install_finds_every_preset(tmp_path: Path) -> None:
     assert found["hp"] == 48
     # The console script is declared.
     assert "gmmt = gmmt.run:main" in (REPO / "setup.cfg").read_text()
+
+
+def test_the_public_api_is_one_import_and_shows_only_public_names() -> None:
+    # A fresh interpreter: importing gmmt must not drag in torch until a model is needed.
+    script = (
+        "import json, sys, gmmt\n"
+        "names, light = dir(gmmt), 'torch' not in sys.modules\n"
+        "from gmmt import ExperimentConfig, ExperimentManager, get_preset_config, load_model\n"
+        "from gmmt.config.experiment import ExperimentConfig as seed_config\n"
+        "from gmmt.training.experiment import ExperimentManager as seed_manager\n"
+        "from gmmt.config.registry import ExperimentRegistry\n"
+        "cfg = get_preset_config('quick_test')\n"
+        "print(json.dumps({'names': names, 'checks': [light, ExperimentConfig is seed_config, "
+        "ExperimentManager is seed_manager, isinstance(cfg, ExperimentConfig), "
+        "callable(load_model)]}))\n"
+    )
+    out = json.loads(subprocess.run([sys.executable, "-c", script], check=True,
+                                    capture_output=True, text=True, timeout=120).stdout)
+    assert out["names"] == sorted(
+        ["ConfigError", "ExperimentConfig", "ExperimentManager", "ExperimentRegistry",
+         "__version__", "get_preset_config", "get_preset_description",
+         "list_experiment_presets", "load_model"])
+    assert out["checks"] == [True] * 5

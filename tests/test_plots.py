@@ -106,35 +106,36 @@ def test_training_curves_without_validation(tmp_path: Path) -> None:
     png_size(plot_training_curves(write_jsonl(tmp_path / "m.jsonl", rows), tmp_path / "t.png"))
 
 
-def snr_metrics() -> dict[str, float]:
-    out = {"mse": 0.1, "baselines.em.mse": 0.2, "by_k.3.mse": 0.1}
+def snr_scores() -> dict[str, dict[str, dict[str, float]]]:
+    """Per-SNR scores as Results.breakdowns["by_snr"] holds them; dotted bin labels."""
+    out = {}
     for i, label in enumerate(["12.0_13.0", "3.0_5.5", "5.5_12.0", "-2_3"]):
-        out[f"by_snr.{label}.mse"] = 0.1 * (i + 1)
-        out[f"by_snr.{label}.mse_over_noise"] = 1.0 / (i + 1)
-        out[f"by_snr.{label}.baselines.em.mse_over_noise"] = 2.0 / (i + 1)
-        out[f"by_snr.{label}.baselines.oracle.mse_over_noise"] = 0.5 / (i + 1)
-    del out["by_snr.-2_3.baselines.oracle.mse_over_noise"]
+        out[label] = {"model": {"mse": 0.1 * (i + 1), "mse_over_noise": 1.0 / (i + 1)},
+                      "em": {"mse_over_noise": 2.0 / (i + 1)},
+                      "oracle": {"mse_over_noise": 0.5 / (i + 1)}}
+    del out["-2_3"]["oracle"]
     return out
 
 
 def test_snr_breakdown_parses_dotted_bins_in_snr_order() -> None:
-    labels, series = snr_breakdown(snr_metrics(), "mse_over_noise")
+    labels, series = snr_breakdown(snr_scores(), "mse_over_noise")
     assert labels == ["-2_3", "3.0_5.5", "5.5_12.0", "12.0_13.0"]
     assert list(series) == ["model", "oracle", "em"]
     assert series["model"] == [1 / 4, 1 / 2, 1 / 3, 1.0]
     assert math.isnan(series["oracle"][0])  # a bin a baseline lacks is a gap, not a shift
-    assert snr_breakdown(snr_metrics(), "mse")[1] == {"model": pytest.approx([0.4, 0.2, 0.3, 0.1])}
+    assert snr_breakdown(snr_scores(), "mse")[1] == {"model": pytest.approx([0.4, 0.2, 0.3, 0.1])}
 
 
 def test_error_vs_snr(tmp_path: Path) -> None:
-    path = plot_error_vs_snr(snr_metrics(), tmp_path / PLOT_FILES["error_vs_snr"])
+    path = plot_error_vs_snr(snr_scores(), tmp_path / PLOT_FILES["error_vs_snr"])
     png_size(path)
     with pytest.raises(ValueError, match="by_snr"):
-        plot_error_vs_snr({"mse": 0.1}, tmp_path / "none.png")
+        plot_error_vs_snr({}, tmp_path / "none.png")
 
 
 def test_draw_plots_skips_what_it_cannot_draw(tmp_path: Path) -> None:
     from gmmt.evaluation.report import draw_plots
+    from gmmt.evaluation.results import Results
 
     class Shrink(torch.nn.Module):  # a stand-in model: halfway from each point to its mean
         def forward(self, points, mask=None, snr_db=None):
@@ -143,7 +144,8 @@ def test_draw_plots_skips_what_it_cannot_draw(tmp_path: Path) -> None:
     config = ValidationConfig(baselines=["kmeans"], visualization=VisualizationConfig(
         enabled=True, plots=["sample_grid", "training_curves", "error_vs_snr"],
         baseline="kmeans", num_examples=3))
-    drawn = draw_plots(config, tmp_path / "plots", Shrink(), bank(), {"mse": 1.0}, None)
+    results = Results({"model": {"mse": 1.0}})
+    drawn = draw_plots(config, tmp_path / "plots", Shrink(), bank(), results, None)
     assert list(drawn) == ["sample_grid"]  # no metrics.jsonl, no by_snr metrics
     assert drawn["sample_grid"] == tmp_path / "plots" / "sample_grid.png"
     png_size(drawn["sample_grid"])

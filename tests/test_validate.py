@@ -1,4 +1,4 @@
-"""Tests of gmmt.evaluation.validate: key layout, breakdown sums, derived metrics, determinism."""
+"""gmmt.evaluation.validate and results: sum layout, breakdowns, derived metrics, determinism."""
 
 import math
 
@@ -9,7 +9,8 @@ from torch import nn
 from gmmt.config.data import DataConfig, DistributionSpec
 from gmmt.config.validation import BreakdownConfig, EMConfig, ValidationConfig
 from gmmt.data.gmm import validation_bank
-from gmmt.evaluation.validate import averages, metric_keys, validation_sums
+from gmmt.evaluation.results import Results
+from gmmt.evaluation.validate import Layout, layout, summarise, validation_sums
 
 ALL_METRICS = ["mse", "mse_over_noise", "gap_closed", "ari", "nmi", "energy", "wasserstein"]
 ALL_BASELINES = ["identity", "oracle", "em", "kmeans"]
@@ -52,70 +53,95 @@ def bank(data: DataConfig) -> list:
     return validation_bank(data, 0, 40, 16)
 
 
+FULL = {"by_snr": True, "by_k": True, "by_separation": True}
+
+
 @pytest.fixture(scope="module")
-def sums(data: DataConfig, bank: list) -> dict[str, torch.Tensor]:
-    return validation_sums(Identity(), bank,
-                           full_config(by_snr=True, by_k=True, by_separation=True), data, 3)
+def shape(data: DataConfig) -> Layout:
+    return layout(full_config(**FULL), data)
 
 
-def test_sums_follow_metric_keys(data: DataConfig, sums: dict) -> None:
-    keys = metric_keys(full_config(by_snr=True, by_k=True, by_separation=True), data)
-    assert list(sums) == keys and len(keys) == len(set(keys))
-    assert keys[:3] == ["count", "mse", "mse_over_noise"]
-    assert "baselines.em.ari" in keys and "by_snr.12_13.baselines.em.mse" in keys
-    assert "by_k.4.wasserstein" in keys and "by_snr.16_17.count" in keys
-    assert "by_sep.0_3.count" in keys and "by_sep.12_inf.baselines.oracle.mse" in keys
-    assert not any(k.endswith("gap_closed") for k in keys)  # derived, never summed
-    assert all(v.dtype == torch.float64 and v.ndim == 0 for v in sums.values())
-    assert float(sums["count"]) == 40
+@pytest.fixture(scope="module")
+def sums(data: DataConfig, bank: list) -> torch.Tensor:
+    return validation_sums(Identity(), bank, full_config(**FULL), data, 3)
 
 
-def test_averages_cover_the_keys_and_derive_gap_closed(sums: dict) -> None:
-    means = averages(sums)
-    groups = [k[: -len("count")] for k in sums if k.endswith("count")]
-    nonempty = [g for g in groups if float(sums[g + "count"]) > 0]
-    expected = {k for k in sums if not k.endswith("count")
-                and float(sums[max((g for g in groups if k.startswith(g)), key=len) + "count"])
-                > 0}
-    derived = {g + "gap_closed" for g in nonempty}
-    assert set(means) == expected | derived
-    assert means["gap_closed"] == pytest.approx(
-        (means["baselines.em.mse"] - means["mse"])
-        / (means["baselines.em.mse"] - means["baselines.oracle.mse"]))
-    assert list(means).index("gap_closed") == list(means).index("mse") + 1
-    assert means["mse"] == pytest.approx(float(sums["mse"]) / 40)
+def test_sums_follow_the_layout(shape: Layout, sums: torch.Tensor) -> None:
+    assert sums.shape == shape.shape and sums.dtype == torch.float64
+    assert shape.groups[0] == ("all", "")
+    for group in (("by_snr", "12_13"), ("by_snr", "16_17"), ("by_k", "4"), ("by_sep", "0_3"),
+                  ("by_sep", "12_inf")):
+        assert group in shape.groups
+    assert len(set(shape.groups)) == len(shape.groups)
+    assert shape.methods == ("model", *ALL_BASELINES)
+    assert shape.metrics[:2] == ("mse", "mse_over_noise")
+    assert "gap_closed" not in shape.metrics  # derived, never summed
+    assert float(sums[0, 0]) == 40  # every set is in the first group
 
 
-def test_breakdowns_sum_back_to_the_totals(sums: dict) -> None:
-    names = [k for k in sums if not k.startswith("by_")]
-    for breakdown, bins in (("by_snr.", 5), ("by_k.", 3), ("by_sep.", 4)):
-        groups = {k[: -len("count")] for k in sums if k.startswith(breakdown)
-                  and k.endswith(".count")}
-        assert len(groups) == bins
-        for name in names:
-            total = sum(float(sums[g + name]) for g in groups)
-            assert total == pytest.approx(float(sums[name]), rel=1e-12, abs=1e-12), name
+def test_summarise_covers_every_group_and_derives_gap_closed(shape: Layout,
+                                                             sums: torch.Tensor) -> None:
+    results = summarise(sums, shape)
+    nonempty = [g for g, row in zip(shape.groups, sums) if float(row[0]) > 0]
+    assert sum(len(bins) for bins in results.breakdowns.values()) == len(nonempty) - 1
+    for _, scores in results.groups():
+        assert list(scores) == list(shape.methods)
+        assert list(scores["model"]) == ["mse", "gap_closed", *shape.metrics[1:]]
+        for method in shape.methods[1:]:
+            assert list(scores[method]) == list(shape.metrics)
+    overall = results.overall
+    assert overall["model"]["gap_closed"] == pytest.approx(
+        (overall["em"]["mse"] - overall["model"]["mse"])
+        / (overall["em"]["mse"] - overall["oracle"]["mse"]))
+    assert overall["model"]["mse"] == pytest.approx(
+        float(sums[0, shape.column("model", "mse")]) / 40)
+    counts = {(kind, label) for kind, bins in results.counts.items() for label in bins}
+    assert counts == set(nonempty[1:])
 
 
-def test_identity_model_scores_like_the_identity_baseline(sums: dict) -> None:
+def test_results_flatten_only_for_trackers(shape: Layout, sums: torch.Tensor) -> None:
+    results = summarise(sums, shape)
+    flat = results.flat()
+    assert flat["mse"] == results.model["mse"]
+    assert flat["baselines.em.ari"] == results.overall["em"]["ari"]
+    label = next(iter(results.breakdowns["by_sep"]))
+    assert (flat[f"by_sep.{label}.baselines.oracle.mse"]
+            == results.breakdowns["by_sep"][label]["oracle"]["mse"])
+    saved = results.to_json()
+    assert saved["model"] == results.model and set(saved["baselines"]) == set(ALL_BASELINES)
+    assert Results.from_json(saved).flat() == flat
+
+
+def test_breakdowns_sum_back_to_the_totals(shape: Layout, sums: torch.Tensor) -> None:
+    for kind, bins in (("by_snr", 5), ("by_k", 3), ("by_sep", 4)):
+        rows = [i for i, (k, _) in enumerate(shape.groups) if k == kind]
+        assert len(rows) == bins
+        torch.testing.assert_close(sums[rows].sum(0), sums[0], rtol=1e-12, atol=1e-12)
+
+
+def test_identity_model_scores_like_the_identity_baseline(shape: Layout,
+                                                          sums: torch.Tensor) -> None:
     for metric in ("mse", "mse_over_noise", "ari", "nmi", "energy", "wasserstein"):
-        assert float(sums[metric]) == pytest.approx(
-            float(sums[f"baselines.identity.{metric}"]), rel=1e-12), metric
-    means = averages(sums)
-    assert means["mse_over_noise"] == pytest.approx(1.0, abs=0.1)  # identity: MSE ~ sigma^2
-    assert means["baselines.oracle.mse"] < means["baselines.em.mse"] < means["mse"]
-    assert 0.0 < means["baselines.em.ari"] <= 1.0
+        torch.testing.assert_close(sums[:, shape.column("model", metric)],
+                                   sums[:, shape.column("identity", metric)], rtol=1e-12,
+                                   atol=0), metric
+    overall = summarise(sums, shape).overall
+    assert overall["model"]["mse_over_noise"] == pytest.approx(1.0, abs=0.1)  # MSE ~ sigma^2
+    assert overall["oracle"]["mse"] < overall["em"]["mse"] < overall["model"]["mse"]
+    assert 0.0 < overall["em"]["ari"] <= 1.0
 
 
 def test_only_what_the_config_asks_for(data: DataConfig, bank: list) -> None:
     minimal = ValidationConfig(metrics=["mse"], baselines=[])
-    assert metric_keys(minimal, data) == ["count", "mse"]
+    assert layout(minimal, data) == Layout((("all", ""),), ("model",), ("mse",))
     sums = validation_sums(Identity(), bank[:1], minimal, data)
-    assert list(sums) == ["count", "mse"] and set(averages(sums)) == {"mse"}
-    gap_only = ValidationConfig(metrics=["gap_closed", "ari"], baselines=["oracle", "em"])
-    keys = metric_keys(gap_only, data)
-    assert keys == ["count", "mse", "ari", "baselines.oracle.mse", "baselines.oracle.ari",
-                    "baselines.em.mse", "baselines.em.ari"]
+    assert sums.shape == (1, 2)
+    results = summarise(sums, layout(minimal, data))
+    assert list(results.overall) == ["model"] and list(results.model) == ["mse"]
+    assert results.breakdowns == {}
+    gap_only = layout(ValidationConfig(metrics=["gap_closed", "ari"],
+                                       baselines=["oracle", "em"]), data)
+    assert gap_only.methods == ("model", "oracle", "em") and gap_only.metrics == ("mse", "ari")
 
 
 def test_deterministic_and_restores_the_model_mode(data: DataConfig, bank: list) -> None:
@@ -125,20 +151,22 @@ def test_deterministic_and_restores_the_model_mode(data: DataConfig, bank: list)
     assert model.training
     second = validation_sums(model.eval(), bank, config, data, generator_seed=7)
     assert not model.training
-    assert all(torch.equal(first[k], second[k]) for k in first)
-    assert not any(v.requires_grad for v in first.values())
+    assert torch.equal(first, second) and not first.requires_grad
 
 
-def test_empty_groups_are_left_out_of_the_averages(bank: list) -> None:
+def test_empty_groups_are_left_out_of_the_results(bank: list) -> None:
     wide = DataConfig(snr_db_params=DistributionSpec(type="uniform", min=2, max=17),
                       cluster_params=DistributionSpec(type="uniform", min=2, max=6))
     config = ValidationConfig(metrics=["mse"], baselines=["oracle"],
                               breakdown=BreakdownConfig(by_snr=True, snr_bins=3, by_k=True))
+    shape = layout(config, wide)
     sums = validation_sums(Identity(), bank[:1], config, wide)
-    assert float(sums["by_snr.2_7.count"]) == 0 and float(sums["by_k.6.count"]) == 0
-    means = averages(sums)
-    assert "by_snr.2_7.mse" not in means and "by_k.6.mse" not in means
-    assert "by_snr.12_17.mse" in means and not math.isnan(means["by_k.2.mse"])
+    for group in (("by_snr", "2_7"), ("by_k", "6")):
+        assert float(sums[shape.groups.index(group), 0]) == 0
+    results = summarise(sums, shape)
+    assert "2_7" not in results.breakdowns["by_snr"] and "6" not in results.breakdowns["by_k"]
+    assert "12_17" in results.breakdowns["by_snr"]
+    assert not math.isnan(results.breakdowns["by_k"]["2"]["model"]["mse"])
 
 
 def test_baseline_cache_gives_identical_sums_without_recomputing(monkeypatch) -> None:
@@ -158,5 +186,4 @@ def test_baseline_cache_gives_identical_sums_without_recomputing(monkeypatch) ->
     second = validate.validation_sums(model, bank, cfg.validation, cfg.data, 0, cache)
     assert not calls  # every baseline came from the cache
     assert len(cache) == len(bank) * len(cfg.validation.baselines)
-    for key in fresh:
-        assert torch.equal(fresh[key], first[key]) and torch.equal(first[key], second[key])
+    assert torch.equal(fresh, first) and torch.equal(first, second)

@@ -10,7 +10,6 @@ Shape legend: ``b`` sets, ``n`` points, ``d`` dimensions.
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from matplotlib.lines import Line2D
 
 from gmmt.data.batch import GMMBatch
 from gmmt.evaluation.metrics import centre_mse_per_set
+from gmmt.evaluation.results import MODEL, Scores
 
 PLOT_FILES = {
     "sample_grid": "sample_grid.png",
@@ -34,13 +34,6 @@ BASELINE_COLOURS = {"identity": "tab:gray", "oracle": "tab:green", "em": "tab:bl
                     "kmeans": "tab:orange"}
 DPI = 110
 FONT = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "legend.fontsize": 9}
-
-# `by_snr.<bin>.<metric>` or `by_snr.<bin>.baselines.<name>.<metric>`. The bin label may itself
-# contain dots (e.g. "12.5_13.5"), so the metric part is matched from the end: metric and
-# baseline names are identifiers, bin labels start with a number.
-_SNR_KEY = re.compile(r"^by_snr\.(?P<bin>.+?)\.(?:baselines\.(?P<baseline>\w+)\.)?"
-                      r"(?P<metric>[A-Za-z_]\w*)$")
-
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
@@ -268,34 +261,36 @@ def _bin_position(label: str) -> tuple[float, float] | None:
         return None
 
 
-def snr_breakdown(metrics: Mapping[str, float], metric: str
+def snr_breakdown(by_snr: Mapping[str, Scores], metric: str
                   ) -> tuple[list[str], dict[str, list[float]]]:
     """Bin labels (by increasing SNR) and, per method (``"model"``, then the baselines),
-    the value of ``metric`` in every bin (NaN where a bin lacks it), from ``by_snr.*`` keys."""
-    table: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        found = _SNR_KEY.match(key)
-        if found and found["metric"] == metric:
-            method = found["baseline"] or "model"
-            table.setdefault(method, {})[found["bin"]] = float(value)
-    labels = sorted({b for per_bin in table.values() for b in per_bin},
-                    key=lambda b: (_bin_position(b) or (math.inf, math.inf), b))
-    methods = (["model"] if "model" in table else []) + _baseline_order(set(table) - {"model"})
-    return labels, {m: [table[m].get(b, math.nan) for b in labels] for m in methods}
+    the value of ``metric`` in every bin (NaN where a bin lacks it).
+
+    Args:
+        by_snr: bin label -> method -> metric -> value (``Results.breakdowns["by_snr"]``).
+    """
+    labels = sorted(by_snr, key=lambda b: (_bin_position(b) or (math.inf, math.inf), b))
+    found = {m for scores in by_snr.values() for m, values in scores.items() if metric in values}
+    methods = ([MODEL] if MODEL in found else []) + _baseline_order(found - {MODEL})
+    return labels, {m: [by_snr[b].get(m, {}).get(metric, math.nan) for b in labels]
+                    for m in methods}
 
 
-def plot_error_vs_snr(metrics: Mapping[str, float], path: str | Path) -> Path:
+def plot_error_vs_snr(by_snr: Mapping[str, Scores], path: str | Path) -> Path:
     """MSE / sigma^2 (MSE when that was not computed) per SNR bin for the model and every
-    baseline, read from the ``by_snr.<bin>.*`` keys of validation metrics; returns ``path``.
+    baseline; returns ``path``.
+
+    Args:
+        by_snr: bin label -> method -> metric -> value (``Results.breakdowns["by_snr"]``).
 
     Raises:
-        ValueError: ``metrics`` has no per-SNR breakdown (``validation.breakdown.by_snr``).
+        ValueError: ``by_snr`` is empty (enable ``validation.breakdown.by_snr``).
     """
-    metric = "mse_over_noise" if any(_SNR_KEY.match(k) and k.endswith(".mse_over_noise")
-                                     for k in metrics) else "mse"
-    labels, series = snr_breakdown(metrics, metric)
+    metric = "mse_over_noise" if any("mse_over_noise" in values for scores in by_snr.values()
+                                     for values in scores.values()) else "mse"
+    labels, series = snr_breakdown(by_snr, metric)
     if not labels:
-        raise ValueError("no by_snr.* metrics to plot; enable validation.breakdown.by_snr")
+        raise ValueError("no per-SNR scores to plot; enable validation.breakdown.by_snr")
     positions = [_bin_position(b) for b in labels]
     numeric = all(p is not None for p in positions)
     x = [(p[0] + p[1]) / 2 for p in positions] if numeric else list(range(len(labels)))

@@ -1,13 +1,14 @@
-"""The configured plots of a trained model, drawn in one call (by the trainer and gmmt.evaluate).
+"""Reports of a trained model: the configured plots in one call (by the trainer and
+gmmt.evaluate), and the markdown tables of an evaluation.
 
 Kept apart from :mod:`gmmt.evaluation.plots` (which only draws what it is given) because this is
 where predictions are computed: the model's and one baseline's on the sample-grid sets.
 """
 
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from gmmt.evaluation.plots import (
     plot_sample_grid,
     plot_training_curves,
 )
+from gmmt.evaluation.results import MODEL, Results
 
 log = logging.getLogger("gmmt")
 
@@ -47,75 +49,8 @@ def grid_predictions(model: nn.Module, batch: GMMBatch, config: ValidationConfig
     return out
 
 
-BREAKDOWNS = ("by_snr", "by_k", "by_sep")
-
-
-def _split_group(metrics: Mapping[str, float]) -> dict[str, Any]:
-    """Flat keys of one group -> ``{"model": {...}, "baselines": {name: {...}}}``."""
-    model: dict[str, float] = {}
-    baselines: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        if key.startswith("baselines."):
-            _, name, metric = key.split(".", 2)
-            baselines.setdefault(name, {})[metric] = value
-        else:
-            model[key] = value
-    return {"model": model, "baselines": baselines}
-
-
-def sections(metrics: Mapping[str, float]) -> dict[str, Any]:
-    """Flat validation metrics -> the summary.json layout::
-
-        {"model": {...}, "baselines": {name: {...}},
-         "by_snr": {"<lo>_<hi>": {"model": {...}, "baselines": {...}}}, "by_k": {...}}
-
-    (breakdown sections only when present). :func:`flatten_sections` inverts it.
-    """
-    overall: dict[str, float] = {}
-    groups: dict[str, dict[str, dict[str, float]]] = {}
-    for key, value in metrics.items():
-        kind = key.split(".", 1)[0]
-        if kind in BREAKDOWNS:
-            # Bin labels may contain dots ("5.8_8.6"): the label ends where the metric begins.
-            rest = key[len(kind) + 1:]
-            label, metric = _split_breakdown_key(rest)
-            groups.setdefault(kind, {}).setdefault(label, {})[metric] = value
-        else:
-            overall[key] = value
-    out = _split_group(overall)
-    for kind, labelled in groups.items():
-        out[kind] = {label: _split_group(flat) for label, flat in labelled.items()}
-    return out
-
-
-def _split_breakdown_key(rest: str) -> tuple[str, str]:
-    """``"5.8_8.6.baselines.em.mse"`` -> (``"5.8_8.6"``, ``"baselines.em.mse"``)."""
-    if ".baselines." in rest:
-        label, _, tail = rest.partition(".baselines.")
-        return label, "baselines." + tail
-    label, _, metric = rest.rpartition(".")
-    return label, metric
-
-
-def flatten_sections(sections_: Mapping[str, Any]) -> dict[str, float]:
-    """The summary.json layout of :func:`sections` back to flat validation keys (``mse``,
-    ``by_snr.<bin>.mse``, ``baselines.<name>.mse``, ...)."""
-
-    def flat_group(group: Mapping[str, Any], prefix: str) -> dict[str, float]:
-        out = {prefix + k: v for k, v in group.get("model", {}).items()}
-        for name, values in group.get("baselines", {}).items():
-            out.update({f"{prefix}baselines.{name}.{m}": v for m, v in values.items()})
-        return out
-
-    flat = flat_group(sections_, "")
-    for kind in BREAKDOWNS:
-        for label, group in sections_.get(kind, {}).items():
-            flat.update(flat_group(group, f"{kind}.{label}."))
-    return flat
-
-
 def draw_plots(config: ValidationConfig, out_dir: str | Path, model: nn.Module,
-               batch: GMMBatch, metrics: Mapping[str, float],
+               batch: GMMBatch, results: Results,
                metrics_jsonl: str | Path | None = None, seed: int = 0) -> dict[str, Path]:
     """Draw ``config.visualization.plots`` into ``out_dir``; returns plot name -> PNG path.
 
@@ -128,7 +63,7 @@ def draw_plots(config: ValidationConfig, out_dir: str | Path, model: nn.Module,
         out_dir: folder for the PNG files (created).
         model: the trained model, on ``batch``'s device.
         batch: sets for the sample grid (the first ``num_examples`` are drawn).
-        metrics: flat validation metrics (``by_snr.*`` keys feed ``error_vs_snr``).
+        results: the scores (their SNR breakdown feeds ``error_vs_snr``).
         metrics_jsonl: the run's metrics.jsonl, for ``training_curves``.
         seed: seeds the grid baseline's random initialisation.
     """
@@ -148,11 +83,71 @@ def draw_plots(config: ValidationConfig, out_dir: str | Path, model: nn.Module,
                     continue
                 drawn[name] = plot_training_curves(metrics_jsonl, path)
             elif name == "error_vs_snr":
-                if not any(k.startswith("by_snr.") for k in metrics):
+                if not results.breakdowns.get("by_snr"):
                     log.warning("plot error_vs_snr skipped: no per-SNR metrics (set "
                                 "validation.breakdown.by_snr=true)")
                     continue
-                drawn[name] = plot_error_vs_snr(metrics, path)
+                drawn[name] = plot_error_vs_snr(results.breakdowns["by_snr"], path)
         except Exception:  # a broken plot must not fail a finished run; keep the traceback
             log.warning("plot %s failed", name, exc_info=True)
     return drawn
+
+
+# --- markdown ------------------------------------------------------------------------------
+
+BREAKDOWN_TABLES = (  # kind, metric, heading of the bin column, title
+    ("by_snr", "mse_over_noise", "SNR bin (dB)", "MSE/σ² by SNR"),
+    ("by_k", "mse_over_noise", "K", "MSE/σ² by K"),
+    ("by_sep", "mse", "closest centres (σ)", "MSE by the distance between the two closest centres"),
+)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _bin_order(label: str) -> tuple[float, str]:
+    try:
+        return (float(label.split("_")[0]), label)
+    except ValueError:
+        return (math.inf, label)
+
+
+def breakdown_table(results: Results, kind: str, metric: str, heading: str) -> list[str]:
+    """Markdown rows of ``metric`` per bin of one breakdown, after the bin's number of sets,
+    for every method that has it (none when the breakdown was not computed)."""
+    bins = results.breakdowns.get(kind, {})
+    labels = sorted(bins, key=_bin_order)
+    methods = list(dict.fromkeys(m for label in labels for m, values in bins[label].items()
+                                 if metric in values))
+    counts = results.counts.get(kind, {})
+    rows = [[label, str(counts.get(label, "—"))]
+            + [_fmt(bins[label].get(m, {}).get(metric)) for m in methods] for label in labels]
+    return _table([heading, "sets", *methods], rows) if labels else []
+
+
+def markdown(results: Results, title: str, description: str) -> str:
+    """The summary table (model + each baseline) and the per-SNR / per-K / per-separation
+    breakdowns, under ``## title`` and a one-line ``description``."""
+    lines = [f"## {title}", "", description, ""]
+    columns = ("mse", "mse_over_noise", "ari", "nmi")
+    rows = [[method, *(_fmt(values.get(m)) for m in columns),
+             _fmt(values.get("gap_closed")) if method == MODEL else "—"]
+            for method, values in results.overall.items()]
+    lines += _table(["", "MSE", "MSE/σ²", "ARI", "NMI", "gap closed"], rows)
+    for kind, metric, heading, table_title in BREAKDOWN_TABLES:
+        table = breakdown_table(results, kind, metric, heading)
+        if table:
+            lines += ["", f"### {table_title}", "", *table]
+    return "\n".join(lines) + "\n"

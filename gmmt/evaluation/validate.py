@@ -1,26 +1,23 @@
 """Validation of a model on a fixed bank of sets: model metrics, baselines and breakdowns.
 
-:func:`validation_sums` returns per-metric *sums* over sets, with set counts, under the fixed
-key list of :func:`metric_keys`, so a trainer can stack them into one vector, all-reduce it
-across processes and only then average (:func:`averages`).
+:func:`validation_sums` returns a matrix of per-metric *sums* over sets, one row per group of
+sets and one column per (method, metric) after a first column of set counts (its layout is
+:class:`Layout`), so a trainer can all-reduce it across processes and only then average it
+into nested :class:`~gmmt.evaluation.results.Results` (:func:`summarise`).
 
-Keys (``<m>`` is each metric of ``config.metrics`` except the derived ``gap_closed``):
-
-* ``count`` (sets), ``<m>`` for the model, ``baselines.<name>.<m>`` for each baseline;
-* with ``breakdown.by_snr``: the same under ``by_snr.<lo>_<hi>.`` for equal-width SNR bins over
-  the data prior's support (``by_snr.<lo>_<hi>.count`` counts its sets);
-* with ``breakdown.by_k``: the same under ``by_k.<K>.`` for every K the prior can draw;
-* with ``breakdown.by_separation``: the same under ``by_sep.<lo>_<hi>.`` for bins of the
-  distance between the set's two closest centres in noise stds (0-3, 3-6, 6-12, 12+).
+Groups: all sets; with ``breakdown.by_snr`` equal-width SNR bins over the data prior's support;
+with ``breakdown.by_k`` every K the prior can draw; with ``breakdown.by_separation`` bins of the
+distance between the set's two closest centres in noise stds (0-3, 3-6, 6-12, 12+).
 
 ``mse_over_noise`` is the per-set MSE / sigma^2 averaged over sets. ``ari`` / ``nmi`` of the
 model score the clustering its predictions induce (each prediction's nearest true centre, see
 :func:`gmmt.evaluation.metrics.induced_clusters`); baselines are scored on their own assignments.
-``gap_closed`` is derived in :func:`averages` from the averaged MSEs of the model, EM and the
+``gap_closed`` is derived in :func:`summarise` from the averaged MSEs of the model, EM and the
 oracle (overall and per bin), so it needs no sum of its own.
 """
 
 import torch
+from attrs import define
 from torch import nn
 
 from gmmt.config.data import DataConfig
@@ -45,48 +42,52 @@ from gmmt.evaluation.metrics import (
     snr_bin_labels,
     snr_bins,
 )
+from gmmt.evaluation.results import MODEL, Results, Scores
 
-COUNT = "count"
 DERIVED = "gap_closed"
 
 
-def _summed_metrics(config: ValidationConfig) -> list[str]:
-    """The per-set metrics that are summed, in config order (gap_closed needs the MSEs)."""
-    names = [m for m in config.metrics if m != DERIVED]
-    if DERIVED in config.metrics and "mse" not in names:
-        names.insert(0, "mse")
-    return names
+@define(frozen=True)
+class Layout:
+    """Rows and columns of the :func:`validation_sums` matrix.
+
+    Row 0 is every set, then one row per breakdown bin, ``groups[i] = (kind, label)``
+    (``("all", "")`` for row 0). Column 0 counts the sets; column ``1 + i * len(metrics) + j``
+    sums metric ``metrics[j]`` of method ``methods[i]`` (``"model"``, then the baselines).
+    """
+
+    groups: tuple[tuple[str, str], ...]
+    methods: tuple[str, ...]
+    metrics: tuple[str, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.groups), 1 + len(self.methods) * len(self.metrics)
+
+    def column(self, method: str, metric: str) -> int:
+        """The column that sums ``metric`` of ``method``."""
+        return 1 + self.methods.index(method) * len(self.metrics) + self.metrics.index(metric)
 
 
-def _local_names(config: ValidationConfig) -> list[str]:
-    """Key suffixes inside one group: count, model metrics, then each baseline's."""
-    metrics = _summed_metrics(config)
-    return ([COUNT, *metrics]
-            + [f"baselines.{b}.{m}" for b in config.baselines for m in metrics])
-
-
-def _group_prefixes(config: ValidationConfig, data: DataConfig) -> list[str]:
-    """'' (all sets), then one prefix per SNR bin, per K and per separation bin when the
-    breakdown asks."""
-    prefixes = [""]
+def layout(config: ValidationConfig, data: DataConfig) -> Layout:
+    """The sum matrix of ``config`` on sets drawn from ``data`` (which sets the bins)."""
+    groups = [("all", "")]
     if config.breakdown.by_snr:
         edges = snr_bins(data.snr_db_params, config.breakdown.snr_bins)
-        prefixes += [f"by_snr.{label}." for label in snr_bin_labels(edges)]
+        groups += [("by_snr", label) for label in snr_bin_labels(edges)]
     if config.breakdown.by_k:
-        prefixes += [f"by_k.{k}." for k in k_values(data.cluster_params)]
+        groups += [("by_k", str(k)) for k in k_values(data.cluster_params)]
     if config.breakdown.by_separation:
-        prefixes += [f"by_sep.{label}." for label in separation_bin_labels()]
-    return prefixes
-
-
-def metric_keys(config: ValidationConfig, data: DataConfig) -> list[str]:
-    """The keys :func:`validation_sums` fills, in a fixed order (for cross-process reduction)."""
-    names = _local_names(config)
-    return [prefix + name for prefix in _group_prefixes(config, data) for name in names]
+        groups += [("by_sep", label) for label in separation_bin_labels()]
+    # The per-set metrics that are summed, in config order (gap_closed needs the MSEs).
+    metrics = [m for m in config.metrics if m != DERIVED]
+    if DERIVED in config.metrics and "mse" not in metrics:
+        metrics.insert(0, "mse")
+    return Layout(tuple(groups), (MODEL, *config.baselines), tuple(metrics))
 
 
 def _membership(batch: GMMBatch, config: ValidationConfig, data: DataConfig) -> torch.Tensor:
-    """Which sets belong to each group of :func:`_group_prefixes`, [groups, b] float64."""
+    """Which sets belong to each group of :func:`layout`, [groups, b] float64."""
     b, device = batch.num_sets, batch.points.device
     rows = [torch.ones(1, b, dtype=torch.float64, device=device)]
     if config.breakdown.by_snr:
@@ -140,9 +141,9 @@ def baseline_generator(seed: int, name: str, batch_index: int,
 @torch.no_grad()
 def validation_sums(model: nn.Module, batches: list[GMMBatch], config: ValidationConfig,
                     data: DataConfig, generator_seed: int = 0,
-                    baseline_cache: dict | None = None) -> dict[str, torch.Tensor]:
-    """Per-metric sums over every set of ``batches``, float64 scalars keyed and ordered as
-    :func:`metric_keys` (groups without sets hold 0).
+                    baseline_cache: dict | None = None) -> torch.Tensor:
+    """Per-metric sums over every set of ``batches``, float64 [groups, columns] laid out as
+    :func:`layout` says (groups without sets hold 0), on the batches' device.
 
     Args:
         model: called as ``model(points, mask, snr_db)`` -> predicted centres [b, n, d]; put in
@@ -155,11 +156,10 @@ def validation_sums(model: nn.Module, batches: list[GMMBatch], config: Validatio
             fixed validation bank): baseline scores are computed once and reused, since they do
             not depend on the model.
     """
-    metrics = _summed_metrics(config)
-    names = _local_names(config)
-    prefixes = _group_prefixes(config, data)
+    shape = layout(config, data)
+    metrics = list(shape.metrics)
     device = batches[0].points.device if batches else torch.device("cpu")
-    totals = torch.zeros(len(prefixes), len(names), dtype=torch.float64, device=device)
+    totals = torch.zeros(shape.shape, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     try:
@@ -176,39 +176,48 @@ def validation_sums(model: nn.Module, batches: list[GMMBatch], config: Validatio
                     if baseline_cache is not None:
                         baseline_cache[(index, name)] = scores
                 columns += scores
-            per_set = torch.stack(columns, dim=1)  # [b, names]
+            per_set = torch.stack(columns, dim=1)  # [b, columns]
             totals += _membership(batch, config, data) @ per_set
     finally:
         model.train(was_training)
-    flat = totals.reshape(-1)
-    return {key: flat[i] for i, key in enumerate(metric_keys(config, data))}
+    return totals
 
 
-def _count_prefix(key: str, prefixes: list[str]) -> str:
-    """The group of ``key``: the longest prefix (of those with a count) it starts with."""
-    return max((p for p in prefixes if key.startswith(p)), key=len)
+def _with_gap_closed(scores: Scores) -> Scores:
+    """Adds the model's ``gap_closed``, right after its MSE, where the model's, EM's and the
+    oracle's MSE are all known and EM differs from the oracle."""
+    model, em, oracle = (scores.get(m, {}).get("mse") for m in (MODEL, "em", "oracle"))
+    if model is None or em is None or oracle is None or em == oracle:
+        return scores
+    values: dict[str, float] = {}
+    for metric, value in scores[MODEL].items():
+        values[metric] = value
+        if metric == "mse":
+            values[DERIVED] = float(gap_closed(model, em, oracle))
+    return {**scores, MODEL: values}
 
 
-def averages(sums: dict[str, torch.Tensor | float]) -> dict[str, float]:
-    """Means per set from :func:`validation_sums` output (after any cross-process sum).
+def summarise(sums: torch.Tensor, shape: Layout) -> Results:
+    """Means per set of a :func:`validation_sums` matrix (after any cross-process sum).
 
-    Every metric is divided by its own group's ``count``; groups without sets are left out.
-    Adds ``gap_closed`` (and ``<group>.gap_closed``) wherever the model's, EM's and the
-    oracle's MSE are all present and EM differs from the oracle. Count keys are not returned.
+    Every metric is divided by its own group's set count; groups without sets are left out.
+    Adds the derived ``gap_closed`` (see :func:`_with_gap_closed`) in every group.
     """
-    prefixes = [k[: -len(COUNT)] for k in sums if k == COUNT or k.endswith("." + COUNT)]
-    means: dict[str, float] = {}
-    for key, value in sums.items():
-        prefix = _count_prefix(key, prefixes)
-        count = float(sums[prefix + COUNT])
-        if key != prefix + COUNT and count > 0:
-            means[key] = float(value) / count
-    out: dict[str, float] = {}
-    for key, value in means.items():
-        out[key] = value
-        prefix = _count_prefix(key, prefixes)
-        if key == prefix + "mse":  # the derived metric goes right after the model's MSE
-            em, oracle = (means.get(prefix + f"baselines.{b}.mse") for b in ("em", "oracle"))
-            if em is not None and oracle is not None and em != oracle:
-                out[prefix + DERIVED] = float(gap_closed(value, em, oracle))
-    return out
+    rows = sums.detach().double().cpu().tolist()
+    overall: Scores = {}
+    breakdowns: dict[str, dict[str, Scores]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for (kind, label), row in zip(shape.groups, rows, strict=True):
+        count = row[0]
+        if count <= 0:
+            continue
+        scores = _with_gap_closed({
+            method: {metric: row[shape.column(method, metric)] / count
+                     for metric in shape.metrics}
+            for method in shape.methods})
+        if kind == "all":
+            overall = scores
+        else:
+            breakdowns.setdefault(kind, {})[label] = scores
+            counts.setdefault(kind, {})[label] = round(count)
+    return Results(overall, breakdowns, counts)

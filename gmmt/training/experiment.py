@@ -28,16 +28,12 @@ from gmmt.config.fields import ConfigError
 from gmmt.config.overrides import format_diff
 from gmmt.data.batch import GMMBatch
 from gmmt.data.gmm import GMMSampler, validation_bank
-from gmmt.evaluation.report import draw_plots, sections
-from gmmt.evaluation.validate import averages, metric_keys, validation_sums
+from gmmt.evaluation.report import draw_plots
+from gmmt.evaluation.results import Results
+from gmmt.evaluation.validate import layout, summarise, validation_sums
 from gmmt.model.build import build_model, count_parameters
-from gmmt.training.checkpoint import (
-    TRAINER_STATE,
-    export_model,
-    finish_checkpoint,
-    temporary_checkpoint_dir,
-    write_json_atomic,
-)
+from gmmt.saved_model import export_model, write_json_atomic
+from gmmt.training.checkpoint import TRAINER_STATE, finish_checkpoint, temporary_checkpoint_dir
 from gmmt.training.losses import compute_loss
 from gmmt.training.optim import WeightEMA, build_optimizer, build_scheduler
 from gmmt.training.setup import (
@@ -330,16 +326,16 @@ class ExperimentManager:
             log.info("stopped at step %d by %s; continue with --resume latest (or --resume %s)",
                      state["step"], stopped_by, s.run_dir)
             return summary
-        metrics, _ = self._validate(s, state["step"])
+        results, _ = self._validate(s, state["step"])
         self._checkpoint(s)
         self._export(s, s.run_dir / "final", {"step": state["step"]})
         vis = s.cfg.validation.visualization
         if s.main and vis.enabled and not s.sharded:  # after the results are safely saved
             images = draw_plots(s.cfg.validation, s.run_dir / "plots",
-                                self._eval_model(s), s.bank[0], metrics,
+                                self._eval_model(s), s.bank[0], results,
                                 s.run_dir / "metrics.jsonl", s.cfg.device.seed)
             s.trackers.log_images(images, state["step"])
-        summary.update(sections(metrics))
+        summary.update(results.to_json())
         if s.acc.num_processes > 1 and not s.sharded:
             summary["ranks_in_sync"] = self._ranks_in_sync(s)
         summary["best"] = {"step": state["best_step"],
@@ -370,37 +366,33 @@ class ExperimentManager:
         s.ema.copy_to(averaged)
         return averaged
 
-    def _validate(self, s: _Session, step: int) -> tuple[dict[str, float], bool]:
-        """Validate on the bank, log, keep best/. Returns (flat metrics, whether early stopping
+    def _validate(self, s: _Session, step: int) -> tuple[Results, bool]:
+        """Validate on the bank, log, keep best/. Returns (results, whether early stopping
         says stop)."""
         cfg, acc, state = s.cfg, s.acc, s.state
         eval_model = self._eval_model(s)
         # Baselines do not depend on the model: they are scored once on the fixed bank.
         sums = validation_sums(eval_model, s.bank, cfg.validation, cfg.data, cfg.device.seed,
-                               s.baseline_cache)
-        keys = metric_keys(cfg.validation, cfg.data)
-        vector = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64,
-                                              device=acc.device) for k in keys])
+                               s.baseline_cache).to(acc.device)
         if not s.sharded:  # each process scored its own share of the bank
-            vector = acc.reduce(vector, "sum")
-        metrics = averages(dict(zip(keys, vector.cpu())))
-        s.trackers.log({f"val/{k}": v for k, v in metrics.items()}, step)
-        log.info("step %d validation: %s", step,
-                 ", ".join(f"{k}={v:.5g}" for k, v in metrics.items()
-                           if not k.startswith(("by_snr.", "by_k."))))
+            sums = acc.reduce(sums, "sum")
+        results = summarise(sums, layout(cfg.validation, cfg.data))
+        s.trackers.log({f"val/{k}": v for k, v in results.flat().items()}, step)
+        log.info("step %d validation: %s", step, ", ".join(
+            f"{k}={v:.5g}" for k, v in Results(results.overall).flat().items()))
 
         es = cfg.training.early_stopping
-        if es.metric not in metrics:
+        if es.metric not in results.model:
             raise ConfigError([f"early_stopping.metric {es.metric!r} is not computed; choose one "
-                               f"of {sorted(metrics)} @ $.training.early_stopping.metric"])
-        value = metrics[es.metric]
+                               f"of {sorted(results.model)} @ $.training.early_stopping.metric"])
+        value = results.model[es.metric]
         if state["best_metric"] is None or value < state["best_metric"] - es.min_delta:
             state.update(best_metric=value, best_step=step, evals_without_improvement=0)
             if cfg.training.checkpointing.save_best:
                 self._export(s, s.run_dir / "best", {"step": step, es.metric: value}, eval_model)
         else:
             state["evals_without_improvement"] += 1
-        return metrics, es.enabled and state["evals_without_improvement"] >= es.patience
+        return results, es.enabled and state["evals_without_improvement"] >= es.patience
 
     def _export(self, s: _Session, folder: Path, info: dict[str, Any],
                 eval_model: torch.nn.Module | None = None) -> None:

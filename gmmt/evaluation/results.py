@@ -1,0 +1,85 @@
+"""Scores of a model and its baselines, nested group -> method -> metric.
+
+A *group* is a set of validation sets: all of them, or one bin of a breakdown (``by_snr``,
+``by_k``, ``by_sep``). A *method* is ``"model"`` or a baseline's name. Everything inside gmmt
+passes these nested dicts around; flat keys (``by_sep.6_12.baselines.em.mse``) are made only
+by :meth:`Results.flat`, for metrics.jsonl and the trackers.
+"""
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from attrs import define, field
+
+MODEL = "model"
+BREAKDOWNS = ("by_snr", "by_k", "by_sep")
+
+# method -> metric -> value
+Scores = dict[str, dict[str, float]]
+
+
+@define
+class Results:
+    """Averaged scores of one validation or evaluation bank.
+
+    ``overall`` holds every set; ``breakdowns[kind][label]`` one bin of a breakdown (bins
+    without sets are left out) and ``counts[kind][label]`` its number of sets.
+    """
+
+    overall: Scores
+    breakdowns: dict[str, dict[str, Scores]] = field(factory=dict)
+    counts: dict[str, dict[str, int]] = field(factory=dict)
+
+    @property
+    def model(self) -> dict[str, float]:
+        """The model's overall metrics."""
+        return self.overall.get(MODEL, {})
+
+    def baselines(self, scores: Scores | None = None) -> dict[str, dict[str, float]]:
+        """The baselines' part of ``scores`` (default: the overall scores)."""
+        scores = self.overall if scores is None else scores
+        return {name: values for name, values in scores.items() if name != MODEL}
+
+    def groups(self) -> Iterator[tuple[str, Scores]]:
+        """(flat-key prefix, scores) of every group: ``""`` first, then ``"by_snr.12_13."``..."""
+        yield "", self.overall
+        for kind, bins in self.breakdowns.items():
+            for label, scores in bins.items():
+                yield f"{kind}.{label}.", scores
+
+    def flat(self) -> dict[str, float]:
+        """Tracker keys: ``mse``, ``baselines.em.mse``, ``by_snr.12_13.mse``, ..."""
+        out: dict[str, float] = {}
+        for prefix, scores in self.groups():
+            for method, values in scores.items():
+                middle = "" if method == MODEL else f"baselines.{method}."
+                out.update({f"{prefix}{middle}{metric}": v for metric, v in values.items()})
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary.json / evaluation.json layout::
+
+            {"model": {...}, "baselines": {name: {...}},
+             "by_snr": {"<lo>_<hi>": {"model": {...}, "baselines": {...}}}, ...}
+        """
+
+        def split(scores: Scores) -> dict[str, Any]:
+            return {"model": scores.get(MODEL, {}), "baselines": self.baselines(scores)}
+
+        out = split(self.overall)
+        for kind, bins in self.breakdowns.items():
+            out[kind] = {label: split(scores) for label, scores in bins.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Results":
+        """Read back :meth:`to_json`'s layout (e.g. a run's summary.json); counts are not in it
+        unless ``data`` has ``sets_per_bin`` (evaluation.json)."""
+
+        def join(group: Mapping[str, Any]) -> Scores:
+            return {MODEL: dict(group.get("model", {})),
+                    **{n: dict(v) for n, v in group.get("baselines", {}).items()}}
+
+        breakdowns = {kind: {label: join(g) for label, g in data[kind].items()}
+                      for kind in BREAKDOWNS if kind in data}
+        return cls(join(data), breakdowns, dict(data.get("sets_per_bin", {})))
