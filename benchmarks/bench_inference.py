@@ -4,7 +4,7 @@ On one batch of held-out sets (``--sets`` sets of ``--points`` points from the m
 preset) it times, side by side in one process:
 
 * ``model``: the trained GMM transformer, batched forward (no grad, fp32);
-* ``oracle``: the posterior mean with the true parameters (the Bayes limit; needs the truth);
+* ``oracle``: the posterior mean with the true parameters (unattainable from the points);
 * ``em_torch`` / ``kmeans_torch``: gmmt's batched torch EM / k-means with the true K;
 * ``em_sklearn``: scikit-learn ``GaussianMixture(covariance_type="spherical")`` run the way a
   user would: a Python loop of fits, one per set, BLAS held to one thread.

@@ -9,7 +9,7 @@ steps), and is scored on the prior's full 100-500 points; ``--data-preset`` scor
 prior.
 
 The question it answers: does the model, which is not told K, beat EM given the true K
-(``gap_closed > 0``), and how far is it from the Bayes-optimal oracle?
+(``gap_closed > 0``), and how far is it from the oracle (which knows the true parameters)?
 
 Usage: ``python benchmarks/bench_quality.py [--run RUN_DIR | --set KEY=VALUE ...]
 [--num-sets 2048] [--data-preset simple] [--set-sizes 100 500] [--json]``

@@ -9,6 +9,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from gmmt.config.data import DISTRIBUTION_FIELDS
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.fields import ConfigError
 from gmmt.config.overrides import diff, format_diff
@@ -76,8 +77,7 @@ def list_presets(store: PresetStore) -> str:
         parts = ", ".join(f"{c}={body[c]}" for c in COMPONENTS)
         lines.append(f"  {name:<20} {store.description('experiments', name)}")
         lines.append(f"  {'':<20} ({parts})")
-    for kind in (*COMPONENTS, "data_params/cluster_params", "data_params/snr_db_params",
-                 "data_params/sample_count_distribution"):
+    for kind in (*COMPONENTS, *(f"data_params/{field}" for field in DISTRIBUTION_FIELDS)):
         lines.append(f"\n{kind.replace('data_params/', 'data.')} presets:")
         for name in store.names(kind):
             lines.append(f"  {name:<20} {store.description(kind, name)}")

@@ -1,4 +1,4 @@
-"""The batched GMM set generator follows DESIGN.md §1 and is a pure function of its inputs."""
+"""The batched set generator draws as docs/design.md says and is a pure function of its inputs."""
 
 import dataclasses
 import math

@@ -1,6 +1,6 @@
 """Layered presets: JSON layers -> one plain dict -> one strict ExperimentConfig.
 
-Layers, lowest first (DESIGN.md section 3):
+Layers, lowest first (docs/design.md):
   1. code defaults of the attrs classes;
   2. component presets ``<dir>/{model,training,data,validation}/*.json`` and data-parameter
      presets ``<dir>/data_params/<field>/*.json`` (names such as ``"few"`` become explicit dicts);

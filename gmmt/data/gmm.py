@@ -1,4 +1,4 @@
-"""Batched generation of sets drawn from random isotropic Gaussian mixtures (DESIGN.md §1).
+"""Batched generation of sets drawn from random isotropic Gaussian mixtures.
 
 A batch is a pure function of (seed, stream, rank, step): :func:`derive_seed` mixes them into
 the seed of a fresh ``torch.Generator``, so resuming needs no loader state, every rank draws

@@ -1,13 +1,14 @@
-"""Classical answers to the task, batched across sets in torch (DESIGN.md §1).
+"""Classical answers to the task, batched across sets in torch (formulas in docs/design.md).
 
 * ``identity``: c(x) = x (assignments: each point's nearest true centre);
-* ``oracle``: the posterior mean with the true parameters, the Bayes-optimal denoiser;
+* ``oracle``: the posterior mean with the true parameters, the best denoiser given them
+  (unattainable from the points alone);
 * ``em``: EM for a spherical GMM with the true K (one variance per component, as scikit-learn's
   ``covariance_type="spherical"``), k-means++ initialisation, ``n_init`` restarts;
 * ``kmeans``: Lloyd's k-means with the true K, k-means++ initialisation, ``n_init`` restarts.
 
 Both fits seed with greedy k-means++ as scikit-learn does (several candidates per seed, the
-best kept): plain k-means++ left EM in a bad local optimum on ~2x as many sets.
+best kept): plain k-means++ leaves EM in a bad local optimum far more often.
 
 Sets with different K and N run in one call: components ``>= k`` of a set are switched off
 (weight zero) and padded points (``mask`` False) carry no weight. Restarts are stacked along the
@@ -141,7 +142,7 @@ def identity(points: Tensor, centres: Tensor, weights: Tensor,
 @torch.no_grad()
 def oracle_posterior_mean(points: Tensor, centres: Tensor, weights: Tensor, sigma: Tensor,
                           mask: Tensor | None = None) -> BaselineResult:
-    """The Bayes-optimal denoiser: c*(x) = sum_k r_k(x) mu_k with the true parameters,
+    """The oracle: the posterior mean c*(x) = sum_k r_k(x) mu_k with the true parameters,
     r_k(x) ∝ pi_k N(x; mu_k, sigma^2 I); assignment argmax_k r_k(x).
 
     Args:

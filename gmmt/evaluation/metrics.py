@@ -4,7 +4,7 @@ Every function is batched over sets (no Python loop over sets) and returns one v
 [b]; callers sum them (see :mod:`gmmt.evaluation.validate`). Padded points (``mask`` False) and
 padded components (zero weight) never contribute; values at padded positions may be junk.
 
-Metrics (DESIGN.md §1):
+Metrics (formulas in docs/design.md):
 
 * centre MSE per coordinate to each point's own centre, and MSE / sigma^2;
 * ``gap_closed`` = (MSE_em - MSE_model) / (MSE_em - MSE_oracle), from averaged MSEs;
@@ -16,8 +16,8 @@ Metrics (DESIGN.md §1):
   cloud and the true centres weighted by the mixture weights pi. Both compare with pi, not with
   a set's own label proportions, so even the oracle scores well above 0: the proportions of a
   few hundred points differ from pi by a few per cent, and that mass must travel between
-  clusters (at 12-17 dB the oracle's Wasserstein cost is ~1-6 sigma^2 against an MSE of
-  ~0.03 sigma^2). Read them as distribution-level scores, not as denoising errors;
+  clusters (at high SNR the oracle's Wasserstein cost is many times its MSE). Read them as
+  distribution-level scores, not as denoising errors;
 * helpers for the per-SNR-bin and per-K breakdowns.
 
 Shape legend: ``b`` sets, ``n`` points, ``d`` dims, ``k`` components (padded to K_max).
@@ -81,7 +81,9 @@ def centre_mse_per_set(pred: Tensor, target: Tensor, mask: Tensor | None = None)
 def gap_closed(mse_model: float | Tensor, mse_em: float | Tensor,
                mse_oracle: float | Tensor) -> float | Tensor:
     """Fraction of EM's excess error over the oracle that the model removes:
-    (em - model) / (em - oracle). 1 = Bayes-optimal, 0 = as good as EM, < 0 worse than EM.
+    (em - model) / (em - oracle). 1 = as good as the oracle (which knows the true
+    parameters: no estimator that sees only the points reaches 1), 0 = as good as EM, < 0
+    worse than EM.
     NaN where EM already equals the oracle (nothing to close)."""
     denominator = mse_em - mse_oracle
     if isinstance(denominator, Tensor):

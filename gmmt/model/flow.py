@@ -61,13 +61,13 @@ class SNREstimator(nn.Module):
     real points, and a second MLP maps the pooled features to the SNR. On a normalised set the
     averaged features can express moments such as the kurtosis, which depend on how tightly
     the points cluster. The last layer starts at zero, so the first estimate is
-    ``center_db`` for every set.
+    ``centre_db`` for every set.
     """
 
-    def __init__(self, input_dim: int, hidden_dim: int, center_db: float,
+    def __init__(self, input_dim: int, hidden_dim: int, centre_db: float,
                  scale_db: float) -> None:
         super().__init__()
-        self.center_db = center_db
+        self.centre_db = centre_db
         self.scale_db = scale_db
         self.point_mlp = nn.Sequential(
             nn.Linear(input_dim + 1, hidden_dim), nn.GELU(),
@@ -82,7 +82,7 @@ class SNREstimator(nn.Module):
         pooled = masked_mean(self.point_mlp(feats), mask).squeeze(1)  # [b, H]
         # predict in normalised units so the head works at O(1) scale
         raw = self.head(pooled).squeeze(-1).to(z.dtype)  # float32 even under autocast
-        return self.center_db + self.scale_db * raw
+        return self.centre_db + self.scale_db * raw
 
 
 class FlowSpeed(nn.Module):
@@ -97,7 +97,7 @@ class FlowSpeed(nn.Module):
                  schedule: list[int]) -> None:
         super().__init__()
         self.snr_source = config.snr_source
-        self.center_db = config.snr_center_db
+        self.centre_db = config.snr_center_db
         self.scale_db = config.snr_scale_db
         self.num_layers = num_layers
         self.predictor = SpeedPredictor(config.predictor, num_layers if config.per_layer else 1)
@@ -131,6 +131,6 @@ class FlowSpeed(nn.Module):
                 raise ValueError(f"snr_db must have shape [{z.shape[0]}], got "
                                  f"{list(snr_db.shape)}")
             snr = snr_db.to(z.dtype)
-        speeds = self.predictor((snr - self.center_db) / self.scale_db)  # [b, P]
+        speeds = self.predictor((snr - self.centre_db) / self.scale_db)  # [b, P]
         speeds = speeds.expand(-1, self.num_layers)  # a global predictor serves every block
         return speeds * self.inv_repeats.to(speeds.dtype), estimate
