@@ -319,7 +319,3 @@ def collect_problems(config: Any, path: str = "$") -> list[str]:
     if own is not None:
         problems.extend(f"{message} @ {path}.{field}" for field, message in own())
     return problems
-
-
-def field_doc(cls: type, name: str) -> str:
-    return attrs.fields_dict(cls)[name].metadata.get("doc", "")

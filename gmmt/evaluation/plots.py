@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D
 
 from gmmt.data.batch import GMMBatch
 from gmmt.evaluation.metrics import centre_mse_per_set
-from gmmt.evaluation.results import MODEL, Scores
+from gmmt.evaluation.results import MODEL, Scores, bin_edges, bin_sort_key
 
 PLOT_FILES = {
     "sample_grid": "sample_grid.png",
@@ -252,15 +252,6 @@ def plot_training_curves(metrics_jsonl_path: str | Path, path: str | Path) -> Pa
 # --- error versus SNR ----------------------------------------------------------------------
 
 
-def _bin_position(label: str) -> tuple[float, float] | None:
-    """(low, high) dB of a bin label like ``"3.0_5.8"`` or ``"-2_4"``; None if not numeric."""
-    lo, sep, hi = label.partition("_")
-    try:
-        return (float(lo), float(hi)) if sep else (float(lo), float(lo))
-    except ValueError:
-        return None
-
-
 def snr_breakdown(by_snr: Mapping[str, Scores], metric: str
                   ) -> tuple[list[str], dict[str, list[float]]]:
     """Bin labels (by increasing SNR) and, per method (``"model"``, then the baselines),
@@ -269,7 +260,7 @@ def snr_breakdown(by_snr: Mapping[str, Scores], metric: str
     Args:
         by_snr: bin label -> method -> metric -> value (``Results.breakdowns["by_snr"]``).
     """
-    labels = sorted(by_snr, key=lambda b: (_bin_position(b) or (math.inf, math.inf), b))
+    labels = sorted(by_snr, key=bin_sort_key)
     found = {m for scores in by_snr.values() for m, values in scores.items() if metric in values}
     methods = ([MODEL] if MODEL in found else []) + _baseline_order(found - {MODEL})
     return labels, {m: [by_snr[b].get(m, {}).get(metric, math.nan) for b in labels]
@@ -291,7 +282,7 @@ def plot_error_vs_snr(by_snr: Mapping[str, Scores], path: str | Path) -> Path:
     labels, series = snr_breakdown(by_snr, metric)
     if not labels:
         raise ValueError("no per-SNR scores to plot; enable validation.breakdown.by_snr")
-    positions = [_bin_position(b) for b in labels]
+    positions = [bin_edges(b) for b in labels]
     numeric = all(p is not None for p in positions)
     x = [(p[0] + p[1]) / 2 for p in positions] if numeric else list(range(len(labels)))
     ylabel = {"mse": "MSE per coordinate", "mse_over_noise": "MSE / σ²"}[metric]

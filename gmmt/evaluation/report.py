@@ -23,7 +23,7 @@ from gmmt.evaluation.plots import (
     plot_sample_grid,
     plot_training_curves,
 )
-from gmmt.evaluation.results import MODEL, Results
+from gmmt.evaluation.results import MODEL, Results, bin_sort_key
 
 log = logging.getLogger("gmmt")
 
@@ -117,18 +117,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def _bin_order(label: str) -> tuple[float, str]:
-    try:
-        return (float(label.split("_")[0]), label)
-    except ValueError:
-        return (math.inf, label)
-
-
 def breakdown_table(results: Results, kind: str, metric: str, heading: str) -> list[str]:
     """Markdown rows of ``metric`` per bin of one breakdown, after the bin's number of sets,
     for every method that has it (none when the breakdown was not computed)."""
     bins = results.breakdowns.get(kind, {})
-    labels = sorted(bins, key=_bin_order)
+    labels = sorted(bins, key=bin_sort_key)
     methods = list(dict.fromkeys(m for label in labels for m, values in bins[label].items()
                                  if metric in values))
     counts = results.counts.get(kind, {})

@@ -6,6 +6,7 @@ passes these nested dicts around; flat keys (``by_sep.6_12.baselines.em.mse``) a
 by :meth:`Results.flat`, for metrics.jsonl and the trackers.
 """
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -16,6 +17,21 @@ BREAKDOWNS = ("by_snr", "by_k", "by_sep")
 
 # method -> metric -> value
 Scores = dict[str, dict[str, float]]
+
+
+def bin_edges(label: str) -> tuple[float, float] | None:
+    """(low, high) of a breakdown bin label (``"3.0_5.8"``, ``"-2_4"``, ``"12_inf"``; a K such
+    as ``"3"`` gives (3, 3)); None if it is not numeric."""
+    lo, sep, hi = label.partition("_")
+    try:
+        return (float(lo), float(hi)) if sep else (float(lo), float(lo))
+    except ValueError:
+        return None
+
+
+def bin_sort_key(label: str) -> tuple[tuple[float, float], str]:
+    """Sort bins by their edges (numeric labels first)."""
+    return bin_edges(label) or (math.inf, math.inf), label
 
 
 @define
@@ -34,11 +50,6 @@ class Results:
     def model(self) -> dict[str, float]:
         """The model's overall metrics."""
         return self.overall.get(MODEL, {})
-
-    def baselines(self, scores: Scores | None = None) -> dict[str, dict[str, float]]:
-        """The baselines' part of ``scores`` (default: the overall scores)."""
-        scores = self.overall if scores is None else scores
-        return {name: values for name, values in scores.items() if name != MODEL}
 
     def groups(self) -> Iterator[tuple[str, Scores]]:
         """(flat-key prefix, scores) of every group: ``""`` first, then ``"by_snr.12_13."``..."""
@@ -64,7 +75,8 @@ class Results:
         """
 
         def split(scores: Scores) -> dict[str, Any]:
-            return {"model": scores.get(MODEL, {}), "baselines": self.baselines(scores)}
+            return {"model": scores.get(MODEL, {}),
+                    "baselines": {n: v for n, v in scores.items() if n != MODEL}}
 
         out = split(self.overall)
         for kind, bins in self.breakdowns.items():

@@ -133,11 +133,6 @@ class GMMTransformer(nn.Module):
                 nn.init.normal_(proj.weight, std=std)
                 nn.init.zeros_(proj.bias)
 
-    @property
-    def needs_snr(self) -> bool:
-        """Whether ``forward`` requires the true ``snr_db``."""
-        return self.flow is not None and self.flow.snr_source == "true"
-
     @overload
     def forward(self, points: torch.Tensor, mask: torch.Tensor | None = ...,
                 snr_db: torch.Tensor | None = ..., *,
