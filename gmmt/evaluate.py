@@ -15,7 +15,7 @@ from gmmt.evaluation.held_out import (
     ALL_BASELINES,
     EvaluationError,
     evaluate_saved_model,
-    report,
+    markdown_report,
 )
 
 EXIT_USAGE = 2
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(report(result), end="")
+        print(markdown_report(result), end="")
         print(f"\nwrote evaluation.json, evaluation.md and {len(result['plots'])} plot(s) "
               f"to {out}", file=sys.stderr)
     return 0

@@ -22,13 +22,15 @@ CONFIG_FILE = "config.json"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON: to a temporary name, then renamed over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
 
 
 def export_model(model: nn.Module, config: ExperimentConfig, folder: Path,
-                 extra: dict | None = None, state_dict: dict | None = None) -> Path:
+                 extra: dict[str, Any] | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (+ ``info.json``) atomically.
 
     ``state_dict`` replaces ``model.state_dict()`` when given (a gathered FSDP state dict).
@@ -43,9 +45,14 @@ def export_model(model: nn.Module, config: ExperimentConfig, folder: Path,
     config.save(tmp / CONFIG_FILE)
     if extra:
         write_json_atomic(tmp / "info.json", extra)
+    # The previous folder is set aside, not deleted, until the new one is in place.
+    previous = folder.with_name(f".previous-{folder.name}")
+    if previous.exists():
+        shutil.rmtree(previous)
     if folder.exists():
-        shutil.rmtree(folder)
+        os.replace(folder, previous)
     os.replace(tmp, folder)
+    shutil.rmtree(previous, ignore_errors=True)
     return folder
 
 
@@ -59,5 +66,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
         raise FileNotFoundError(f"no {MODEL_FILE} in {folder} (expected a final/ or best/ folder)")
     config = ExperimentConfig.load(folder / CONFIG_FILE)
     model = build_model(config.model, config.data.dim)
-    model.load_state_dict(load_file(str(folder / MODEL_FILE), device=str(device)))
+    model.load_state_dict(load_file(str(folder / MODEL_FILE)))
     return model.to(device).eval()

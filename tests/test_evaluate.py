@@ -12,7 +12,13 @@ from helpers import small_config
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.data.gmm import validation_bank
 from gmmt.evaluate import main
-from gmmt.evaluation.held_out import ALL_BASELINES, evaluation_config, score_held_out
+from gmmt.evaluation.held_out import (
+    ALL_BASELINES,
+    EvaluationError,
+    evaluate_saved_model,
+    evaluation_config,
+    score_held_out,
+)
 from gmmt.training.experiment import ExperimentManager
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -136,3 +142,9 @@ def test_command_line_bad_path_has_no_traceback(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_library_call_names_an_unknown_baseline(run_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(EvaluationError, match=r"unknown baseline.*'emm'.*choose from"):
+        evaluate_saved_model(run_dir, baselines=["oracle", "emm"], out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written for a bad call

@@ -1,6 +1,8 @@
 """The package's import direction (docs/design.md): no module imports a layer above its own."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,10 @@ def gmmt_imports(path: Path) -> set[str]:
     """Every gmmt module a file imports, at any depth (function-level imports included)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
+        if isinstance(node, ast.ImportFrom):
+            # gmmt imports absolutely, so a relative import cannot hide a layer it reaches
+            assert node.level == 0, f"{path}:{node.lineno}: relative import"
+            found.add(node.module or "")
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
     return {name for name in found if name == "gmmt" or name.startswith("gmmt.")}
@@ -53,3 +57,18 @@ def test_every_module_belongs_to_a_layer() -> None:
         name = module_name(path)
         assert name in tops or any(name == layer or name.startswith(layer + ".")
                                    for layer in ALLOWED), name
+
+
+def test_benchmarks_use_the_library_not_the_command_line_modules() -> None:
+    for path in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
+        clis = {n for n in gmmt_imports(path) if n in ("gmmt.run", "gmmt.evaluate")}
+        assert not clis, f"{path.name} imports {clis}"
+
+
+def test_configuration_does_not_load_torch() -> None:
+    script = ("import sys, gmmt.config.presets, gmmt.config.registry, gmmt.run\n"
+              "gmmt.config.presets.get_preset_config('standard')\n"
+              "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert out.strip() == "False"

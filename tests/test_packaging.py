@@ -54,9 +54,10 @@ def test_the_public_api_is_one_import_and_shows_only_public_names() -> None:
         "from gmmt.training.experiment import ExperimentManager as seed_manager\n"
         "from gmmt.config.registry import ExperimentRegistry\n"
         "cfg = get_preset_config('quick_test')\n"
+        "every = all(getattr(gmmt, n) is not None for n in gmmt.__all__)\n"
         "print(json.dumps({'names': names, 'checks': [light, ExperimentConfig is seed_config, "
         "ExperimentManager is seed_manager, isinstance(cfg, ExperimentConfig), "
-        "callable(load_model)]}))\n"
+        "callable(load_model), every, gmmt.ExperimentRegistry is ExperimentRegistry]}))\n"
     )
     out = json.loads(subprocess.run([sys.executable, "-c", script], check=True,
                                     capture_output=True, text=True, timeout=120).stdout)
@@ -64,4 +65,4 @@ def test_the_public_api_is_one_import_and_shows_only_public_names() -> None:
         ["ConfigError", "ExperimentConfig", "ExperimentManager", "ExperimentRegistry",
          "__version__", "get_preset_config", "get_preset_description",
          "list_experiment_presets", "load_model"])
-    assert out["checks"] == [True] * 5
+    assert out["checks"] == [True] * 7

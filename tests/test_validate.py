@@ -1,5 +1,6 @@
 """gmmt.evaluation.validate and results: sum layout, breakdowns, derived metrics, determinism."""
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,8 @@ from torch import nn
 from gmmt.config.data import DataConfig, DistributionSpec
 from gmmt.config.validation import BreakdownConfig, EMConfig, ValidationConfig
 from gmmt.data.gmm import validation_bank
-from gmmt.evaluation.results import Results
+from gmmt.evaluation.report import markdown
+from gmmt.evaluation.results import Results, bin_edges
 from gmmt.evaluation.validate import Layout, layout, summarise, validation_sums
 
 ALL_METRICS = ["mse", "mse_over_noise", "gap_closed", "ari", "nmi", "energy", "wasserstein"]
@@ -84,7 +86,9 @@ def test_summarise_covers_every_group_and_derives_gap_closed(shape: Layout,
     results = summarise(sums, shape)
     nonempty = [g for g, row in zip(shape.groups, sums) if float(row[0]) > 0]
     assert sum(len(bins) for bins in results.breakdowns.values()) == len(nonempty) - 1
-    for _, scores in results.groups():
+    every_group = [results.overall] + [scores for bins in results.breakdowns.values()
+                                       for scores in bins.values()]
+    for scores in every_group:
         assert list(scores) == list(shape.methods)
         assert list(scores["model"]) == ["mse", "gap_closed", *shape.metrics[1:]]
         for method in shape.methods[1:]:
@@ -99,7 +103,8 @@ def test_summarise_covers_every_group_and_derives_gap_closed(shape: Layout,
     assert counts == set(nonempty[1:])
 
 
-def test_results_flatten_only_for_trackers(shape: Layout, sums: torch.Tensor) -> None:
+def test_results_flatten_for_trackers_and_round_trip_through_json(
+        shape: Layout, sums: torch.Tensor) -> None:
     results = summarise(sums, shape)
     flat = results.flat()
     assert flat["mse"] == results.model["mse"]
@@ -107,9 +112,32 @@ def test_results_flatten_only_for_trackers(shape: Layout, sums: torch.Tensor) ->
     label = next(iter(results.breakdowns["by_sep"]))
     assert (flat[f"by_sep.{label}.baselines.oracle.mse"]
             == results.breakdowns["by_sep"][label]["oracle"]["mse"])
-    saved = results.to_json()
+    saved = json.loads(json.dumps(results.to_json()))  # as summary.json holds it
     assert saved["model"] == results.model and set(saved["baselines"]) == set(ALL_BASELINES)
-    assert Results.from_json(saved).flat() == flat
+    assert sum(saved["sets_per_bin"]["by_k"].values()) == 40
+    assert Results.from_json(saved) == results
+    assert Results.from_json({}) == Results({})
+
+
+def test_markdown_report_orders_bins_by_value() -> None:
+    scores = {"model": {"mse": 0.1, "mse_over_noise": 0.5}, "em": {"mse_over_noise": 0.25}}
+    results = Results({"model": {"mse": 0.1, "gap_closed": 0.3}},
+                      {"by_k": {"10": scores, "2": scores, "3": scores}},
+                      {"by_k": {"10": 1, "2": 5, "3": 4}})
+    text = markdown(results, "title", "one line")
+    assert text.startswith("## title\n\none line\n")
+    assert "| model | 0.1 | — | — | — | 0.3 |" in text
+    k_rows = [line for line in text.splitlines() if line.startswith(("| 2 ", "| 3 ", "| 10 "))]
+    assert k_rows == ["| 2 | 5 | 0.5 | 0.25 |", "| 3 | 4 | 0.5 | 0.25 |",
+                      "| 10 | 1 | 0.5 | 0.25 |"]
+    assert "| K | sets | model | em |" in text and "by SNR" not in text
+
+
+def test_bin_labels_parse_to_edges() -> None:
+    assert bin_edges("-2_3.5") == (-2.0, 3.5) and bin_edges("12_inf") == (12.0, math.inf)
+    assert bin_edges("4") == (4.0, 4.0)
+    for bad in ("1_2_3", "nan_2", "low_high", ""):
+        assert bin_edges(bad) is None, bad
 
 
 def test_breakdowns_sum_back_to_the_totals(shape: Layout, sums: torch.Tensor) -> None:

@@ -255,7 +255,7 @@ def resolve_config(
     return Resolved(structure(layered, ExperimentConfig), preset_name, components, applied, bare)
 
 
-# --- the seed's programmatic API -----------------------------------------------------------
+# --- the original programmatic API -----------------------------------------------------------
 
 
 def get_preset_config(preset_name: str = DEFAULT_EXPERIMENT, device: str | None = None,

@@ -1,4 +1,4 @@
-"""ExperimentRegistry: mix and match component presets by name (the seed's API)."""
+"""ExperimentRegistry: mix and match component presets by name (the original API)."""
 
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.presets import (

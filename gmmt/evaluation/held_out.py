@@ -31,6 +31,7 @@ from gmmt.config.validation import (
 )
 from gmmt.data.batch import GMMBatch
 from gmmt.data.gmm import GMMSampler, derive_seed
+from gmmt.evaluation.plots import PLOT_FILES
 from gmmt.evaluation.report import draw_plots, markdown
 from gmmt.evaluation.results import Results
 from gmmt.evaluation.validate import layout, summarise, validation_sums
@@ -39,7 +40,7 @@ from gmmt.saved_model import CONFIG_FILE, MODEL_FILE, load_model, write_json_ato
 EVALUATION_STREAM = "evaluation"
 ALL_METRICS: tuple[str, ...] = get_args(MetricName)
 ALL_BASELINES: tuple[str, ...] = get_args(BaselineName)
-ALL_PLOTS = ["sample_grid", "training_curves", "error_vs_snr"]
+ALL_PLOTS = list(PLOT_FILES)
 # What an evaluation without a data preset is filed under: the run's own data prior.
 OWN_DATA = "training_data"
 
@@ -121,21 +122,25 @@ def score_held_out(model: torch.nn.Module, data: DataConfig, config: ValidationC
     totals = torch.zeros(shape.shape, dtype=torch.float64)
     starts = range(0, config.num_sets, config.batch_size)
     first = None
-    for i, start in enumerate(tqdm(starts, desc="evaluating", unit="batch",
-                                   disable=not progress or None, dynamic_ncols=True)):
+    # disable=None lets tqdm hide itself when stderr is not a terminal (e.g. a log file).
+    show = None if progress else True
+    for i, start in enumerate(tqdm(starts, desc="evaluating", unit="batch", disable=show,
+                                   dynamic_ncols=True)):
         size = min(config.batch_size, config.num_sets - start)
         batch = sampler.batch(i, size, rank=0, stream=EVALUATION_STREAM)
         first = batch if first is None else first
         totals += validation_sums(model, [batch], config, data,
                                   derive_seed(seed, EVALUATION_STREAM + "-baselines", 0, i)).cpu()
+    assert first is not None  # num_sets >= 1 (ValidationConfig)
     return summarise(totals, shape), first
 
 
 def data_name(label: str) -> str:
+    """How a report names the prior of its bank."""
     return "the run's own data config" if label == OWN_DATA else f"data preset {label!r}"
 
 
-def report(result: dict[str, Any]) -> str:
+def markdown_report(result: dict[str, Any]) -> str:
     """The markdown report of an ``evaluation.json`` result."""
     description = (f"data: {data_name(result['data_preset'])}, {result['num_sets']} sets "
                    f"(stream {result['stream']!r}, seed {result['seed']})")
@@ -175,6 +180,10 @@ def evaluate_saved_model(path: str | Path, *, data_preset: str | None = None,
     if data.dim != saved.data.dim:
         raise EvaluationError(f"data preset {data_preset!r} has dim {data.dim}, but the "
                               f"model was trained on dim {saved.data.dim}")
+    unknown = [b for b in baselines if b not in ALL_BASELINES]
+    if unknown:
+        raise EvaluationError(f"unknown baseline(s) {', '.join(map(repr, unknown))}; choose "
+                              f"from {', '.join(ALL_BASELINES)}")
     torch_device = pick_device(device)
     seed = saved.device.seed if seed is None else seed
     baselines = list(dict.fromkeys(baselines))  # keep order, drop repeats
@@ -196,9 +205,8 @@ def evaluate_saved_model(path: str | Path, *, data_preset: str | None = None,
         "num_sets": num_sets, "batch_size": batch_size, "seed": seed,
         "stream": EVALUATION_STREAM, "device": str(torch_device),
         **results.to_json(),
-        "sets_per_bin": results.counts,
         "plots": sorted(p.name for p in plots.values()),
     }
     write_json_atomic(out / "evaluation.json", result)
-    (out / "evaluation.md").write_text(report(result))
+    (out / "evaluation.md").write_text(markdown_report(result))
     return result, out

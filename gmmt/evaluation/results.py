@@ -21,12 +21,15 @@ Scores = dict[str, dict[str, float]]
 
 def bin_edges(label: str) -> tuple[float, float] | None:
     """(low, high) of a breakdown bin label (``"3.0_5.8"``, ``"-2_4"``, ``"12_inf"``; a K such
-    as ``"3"`` gives (3, 3)); None if it is not numeric."""
-    lo, sep, hi = label.partition("_")
+    as ``"3"`` gives (3, 3)); None if it is not one or two numbers joined by ``_``."""
+    parts = label.split("_")
     try:
-        return (float(lo), float(hi)) if sep else (float(lo), float(lo))
+        edges = [float(p) for p in parts]
     except ValueError:
         return None
+    if len(edges) > 2 or any(math.isnan(e) for e in edges):
+        return None
+    return edges[0], edges[-1]
 
 
 def bin_sort_key(label: str) -> tuple[tuple[float, float], str]:
@@ -51,7 +54,7 @@ class Results:
         """The model's overall metrics."""
         return self.overall.get(MODEL, {})
 
-    def groups(self) -> Iterator[tuple[str, Scores]]:
+    def _prefixed_groups(self) -> Iterator[tuple[str, Scores]]:
         """(flat-key prefix, scores) of every group: ``""`` first, then ``"by_snr.12_13."``..."""
         yield "", self.overall
         for kind, bins in self.breakdowns.items():
@@ -61,7 +64,7 @@ class Results:
     def flat(self) -> dict[str, float]:
         """Tracker keys: ``mse``, ``baselines.em.mse``, ``by_snr.12_13.mse``, ..."""
         out: dict[str, float] = {}
-        for prefix, scores in self.groups():
+        for prefix, scores in self._prefixed_groups():
             for method, values in scores.items():
                 middle = "" if method == MODEL else f"baselines.{method}."
                 out.update({f"{prefix}{middle}{metric}": v for metric, v in values.items()})
@@ -71,7 +74,10 @@ class Results:
         """The summary.json / evaluation.json layout::
 
             {"model": {...}, "baselines": {name: {...}},
-             "by_snr": {"<lo>_<hi>": {"model": {...}, "baselines": {...}}}, ...}
+             "by_snr": {"<lo>_<hi>": {"model": {...}, "baselines": {...}}}, ...,
+             "sets_per_bin": {"by_snr": {"<lo>_<hi>": 410, ...}, ...}}
+
+        (breakdowns and ``sets_per_bin`` only when computed).
         """
 
         def split(scores: Scores) -> dict[str, Any]:
@@ -81,17 +87,19 @@ class Results:
         out = split(self.overall)
         for kind, bins in self.breakdowns.items():
             out[kind] = {label: split(scores) for label, scores in bins.items()}
+        if self.counts:
+            out["sets_per_bin"] = self.counts
         return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Results":
-        """Read back :meth:`to_json`'s layout (e.g. a run's summary.json); counts are not in it
-        unless ``data`` has ``sets_per_bin`` (evaluation.json)."""
+        """Read back :meth:`to_json`'s layout (a run's summary.json, an evaluation.json)."""
 
         def join(group: Mapping[str, Any]) -> Scores:
-            return {MODEL: dict(group.get("model", {})),
-                    **{n: dict(v) for n, v in group.get("baselines", {}).items()}}
+            own = {MODEL: dict(group["model"])} if "model" in group else {}
+            return own | {n: dict(v) for n, v in group.get("baselines", {}).items()}
 
         breakdowns = {kind: {label: join(g) for label, g in data[kind].items()}
                       for kind in BREAKDOWNS if kind in data}
-        return cls(join(data), breakdowns, dict(data.get("sets_per_bin", {})))
+        counts = {kind: dict(bins) for kind, bins in data.get("sets_per_bin", {}).items()}
+        return cls(join(data), breakdowns, counts)

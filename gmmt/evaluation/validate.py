@@ -86,22 +86,26 @@ def layout(config: ValidationConfig, data: DataConfig) -> Layout:
     return Layout(tuple(groups), (MODEL, *config.baselines), tuple(metrics))
 
 
-def _membership(batch: GMMBatch, config: ValidationConfig, data: DataConfig) -> torch.Tensor:
-    """Which sets belong to each group of :func:`layout`, [groups, b] float64."""
-    b, device = batch.num_sets, batch.points.device
-    rows = [torch.ones(1, b, dtype=torch.float64, device=device)]
-    if config.breakdown.by_snr:
-        edges = snr_bins(data.snr_db_params, config.breakdown.snr_bins)
-        index = snr_bin_index(batch.snr_db, edges)
-        rows.append(nn.functional.one_hot(index, len(edges)).T.double())
-    if config.breakdown.by_k:
-        values = k_values(data.cluster_params)
-        rows.append(nn.functional.one_hot(k_index(batch.k, values), len(values)).T.double())
-    if config.breakdown.by_separation:
-        separation = closest_centre_separation(batch.centres, batch.k, batch.sigma)
-        labels = separation_bin_labels()
-        rows.append(nn.functional.one_hot(separation_bin_index(separation), len(labels)).T
-                    .double())
+def _bin_index(kind: str, batch: GMMBatch, config: ValidationConfig,
+               data: DataConfig) -> torch.Tensor:
+    """Each set's bin of one breakdown, [b] long, in the order :func:`layout` lists them."""
+    if kind == "by_snr":
+        return snr_bin_index(batch.snr_db, snr_bins(data.snr_db_params,
+                                                    config.breakdown.snr_bins))
+    if kind == "by_k":
+        return k_index(batch.k, k_values(data.cluster_params))
+    separation = closest_centre_separation(batch.centres, batch.k, batch.sigma)
+    return separation_bin_index(separation)
+
+
+def _membership(batch: GMMBatch, shape: Layout, config: ValidationConfig,
+                data: DataConfig) -> torch.Tensor:
+    """Which sets belong to each group of ``shape``, [groups, b] float64."""
+    rows = [torch.ones(1, batch.num_sets, dtype=torch.float64, device=batch.points.device)]
+    kinds = [kind for kind, _ in shape.groups[1:]]
+    for kind in dict.fromkeys(kinds):
+        index = _bin_index(kind, batch, config, data)
+        rows.append(nn.functional.one_hot(index, kinds.count(kind)).T.double())
     return torch.cat(rows)
 
 
@@ -141,7 +145,8 @@ def baseline_generator(seed: int, name: str, batch_index: int,
 @torch.no_grad()
 def validation_sums(model: nn.Module, batches: list[GMMBatch], config: ValidationConfig,
                     data: DataConfig, generator_seed: int = 0,
-                    baseline_cache: dict | None = None) -> torch.Tensor:
+                    baseline_cache: dict[tuple[int, str], list[torch.Tensor]] | None = None
+                    ) -> torch.Tensor:
     """Per-metric sums over every set of ``batches``, float64 [groups, columns] laid out as
     :func:`layout` says (groups without sets hold 0), on the batches' device.
 
@@ -177,7 +182,7 @@ def validation_sums(model: nn.Module, batches: list[GMMBatch], config: Validatio
                         baseline_cache[(index, name)] = scores
                 columns += scores
             per_set = torch.stack(columns, dim=1)  # [b, columns]
-            totals += _membership(batch, config, data) @ per_set
+            totals += _membership(batch, shape, config, data) @ per_set
     finally:
         model.train(was_training)
     return totals
