@@ -9,7 +9,7 @@ for torch and Accelerate until a model or a trainer is needed.
 """
 
 from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -25,32 +25,11 @@ _EXPORTS = {
     "load_model": "gmmt.saved_model",
 }
 
-__all__ = [
-    "ConfigError",
-    "ExperimentConfig",
-    "ExperimentManager",
-    "ExperimentRegistry",
-    "__version__",
-    "get_preset_config",
-    "get_preset_description",
-    "list_experiment_presets",
-    "load_model",
-]
-
-if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports lazily
-    from gmmt.config.experiment import ExperimentConfig
-    from gmmt.config.fields import ConfigError
-    from gmmt.config.presets import (
-        get_preset_config,
-        get_preset_description,
-        list_experiment_presets,
-    )
-    from gmmt.config.registry import ExperimentRegistry
-    from gmmt.saved_model import load_model
-    from gmmt.training.experiment import ExperimentManager
+__all__ = sorted(["__version__", *_EXPORTS])
 
 
 def __getattr__(name: str) -> Any:
+    """Import a public name on first use (PEP 562)."""
     if name not in _EXPORTS:
         raise AttributeError(f"module 'gmmt' has no attribute {name!r}")
     value = getattr(import_module(_EXPORTS[name]), name)
@@ -59,4 +38,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return list(__all__)
