@@ -2,7 +2,7 @@
 
 The public API::
 
-    from gmmt import ExperimentConfig, ExperimentManager, get_preset_config, load_model
+    from gmmt import ExperimentConfig, ExperimentManager, get_preset_config, load_model, predict
 
 Names are imported on first use, so ``import gmmt`` (and the configuration API) does not pay
 for torch and Accelerate until a model or a trainer is needed.
@@ -23,6 +23,8 @@ _EXPORTS = {
     "get_preset_description": "gmmt.config.presets",
     "list_experiment_presets": "gmmt.config.presets",
     "load_model": "gmmt.saved_model",
+    # the command-line module, itself callable as gmmt.inference.predict (see gmmt/predict.py)
+    "predict": "gmmt.predict",
 }
 
 __all__ = sorted(["__version__", *_EXPORTS])
@@ -32,7 +34,9 @@ def __getattr__(name: str) -> Any:
     """Import a public name on first use (PEP 562)."""
     if name not in _EXPORTS:
         raise AttributeError(f"module 'gmmt' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
+    module = import_module(_EXPORTS[name])
+    # a name exported as a whole module (gmmt.predict) is that module, not an attribute of it
+    value = module if module.__name__ == f"gmmt.{name}" else getattr(module, name)
     globals()[name] = value  # later lookups skip this function
     return value
 

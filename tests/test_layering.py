@@ -17,6 +17,8 @@ ALLOWED = {
     "gmmt.model": ("gmmt.config.model", "gmmt.model"),
     "gmmt.saved_model": ("gmmt.config", "gmmt.model"),
     "gmmt.evaluation": ("gmmt.config", "gmmt.data", "gmmt.evaluation", "gmmt.saved_model"),
+    "gmmt.inference": ("gmmt.config", "gmmt.data", "gmmt.model", "gmmt.saved_model",
+                       "gmmt.evaluation", "gmmt.inference"),
     "gmmt.training": ("gmmt.config", "gmmt.data", "gmmt.model", "gmmt.evaluation",
                       "gmmt.saved_model", "gmmt.training"),
 }
@@ -52,7 +54,7 @@ def test_no_module_imports_a_layer_above_its_own(layer: str) -> None:
 
 
 def test_every_module_belongs_to_a_layer() -> None:
-    tops = {"gmmt", "gmmt.run", "gmmt.evaluate"}
+    tops = {"gmmt", "gmmt.run", "gmmt.evaluate", "gmmt.predict"}
     for path in PACKAGE.rglob("*.py"):
         name = module_name(path)
         assert name in tops or any(name == layer or name.startswith(layer + ".")
@@ -61,7 +63,8 @@ def test_every_module_belongs_to_a_layer() -> None:
 
 def test_benchmarks_use_the_library_not_the_command_line_modules() -> None:
     for path in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
-        clis = {n for n in gmmt_imports(path) if n in ("gmmt.run", "gmmt.evaluate")}
+        clis = {n for n in gmmt_imports(path)
+                if n in ("gmmt.run", "gmmt.evaluate", "gmmt.predict")}
         assert not clis, f"{path.name} imports {clis}"
 
 

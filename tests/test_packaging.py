@@ -64,5 +64,5 @@ def test_the_public_api_is_one_import_and_shows_only_public_names() -> None:
     assert out["names"] == sorted(
         ["ConfigError", "ExperimentConfig", "ExperimentManager", "ExperimentRegistry",
          "__version__", "get_preset_config", "get_preset_description",
-         "list_experiment_presets", "load_model"])
+         "list_experiment_presets", "load_model", "predict"])
     assert out["checks"] == [True] * 7
