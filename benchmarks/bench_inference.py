@@ -1,16 +1,21 @@
-"""Inference: a trained model's forward pass against the classical answers, per set.
+"""Inference: a trained model's forward pass against every yardstick, per set.
 
 On one batch of held-out sets (``--sets`` sets of ``--points`` points from the model's own data
 preset) it times, side by side in one process:
 
-* ``model``: the trained GMM transformer, batched forward (no grad, fp32);
-* ``oracle``: the posterior mean with the true parameters (unattainable from the points);
-* ``em_torch`` / ``kmeans_torch``: gmmt's batched torch EM / k-means with the true K;
-* ``em_sklearn``: scikit-learn ``GaussianMixture(covariance_type="spherical")`` run the way a
-  user would: a Python loop of fits, one per set, BLAS held to one thread.
+* ``model``: the trained GMM transformer, batched forward (no grad, fp32), and
+  ``model_grouped``: the same plus the grouping of its predictions (its own clustering and K);
+* the torch baselines of ``gmmt.evaluation.baselines``, each with what it is told: ``oracle``
+  (true parameters: unattainable), ``bayes`` (K, sigma and the prior: the floor), ``em_tied``,
+  ``em``, ``kmeans`` (the true K), ``em_bic`` (K_max; chooses K by BIC), ``identity``;
+* ``em_sklearn``: scikit-learn ``GaussianMixture(covariance_type="spherical")`` with the true K,
+  and ``dpgmm_sklearn``: ``BayesianGaussianMixture`` with a Dirichlet-process prior over up to
+  K_max components (it chooses K: the components that own points), each run the way a user
+  would: a Python loop of fits, one per set, BLAS held to one thread.
 
-For each: sets/s, points/s, its centre MSE per coordinate and MSE/σ², and
-``speedup_vs_sklearn``. Restart counts follow the run's EM config (``--n-init`` overrides).
+For each: sets/s, points/s, its centre MSE per coordinate, MSE/σ², MSE over the Bayes floor's,
+K accuracy where the method chooses K, and ``speedup_vs_sklearn``. Restart counts follow the
+run's EM config (``--n-init`` overrides).
 
 Usage: ``python benchmarks/bench_inference.py RUN_DIR [--sets 512] [--points 300] [--json]``
 (RUN_DIR: a finished run, e.g. of the cpu_reference preset)
@@ -32,14 +37,20 @@ import numpy as np
 import torch
 from common import machine
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.mixture import GaussianMixture
+from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
 
 from gmmt import load_model
 from gmmt.config.data import DistributionSpec
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.data.gmm import GMMSampler
-from gmmt.evaluation.baselines import fit_em, fit_kmeans, oracle_posterior_mean
+from gmmt.evaluation.baselines import run_baseline
+from gmmt.evaluation.grouping import group_predictions
 from gmmt.evaluation.metrics import centre_mse_per_set
+
+# Methods too slow to repeat: timed once.
+ONCE = ("bayes", "em_sklearn", "dpgmm_sklearn")
+TORCH_BASELINES = ("oracle", "bayes", "em_tied", "em", "em_bic", "kmeans", "identity")
+Answer = tuple[torch.Tensor, torch.Tensor | None]  # centres [b, n, d], K chosen [b] or None
 
 try:
     from threadpoolctl import threadpool_limits
@@ -47,7 +58,7 @@ except ImportError:  # pragma: no cover - ships with scikit-learn
     threadpool_limits = None
 
 
-def best_time(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
+def best_time(fn: Callable[[], Answer], repeats: int) -> tuple[float, Answer]:
     out = fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -78,53 +89,70 @@ def main() -> None:
     batch = GMMSampler(data, config.device.seed + 7).batch(0, args.sets, stream="inference")
     n_init = args.n_init or config.validation.em.n_init
     em = config.validation.em
+    if args.n_init:
+        em.n_init = args.n_init
 
-    def model_forward() -> torch.Tensor:
+    def model_forward() -> Answer:
         with torch.no_grad():
-            return model(batch.points, batch.mask, batch.snr_db)
+            return model(batch.points, batch.mask, batch.snr_db), None
 
-    def em_torch() -> torch.Tensor:
-        fit = fit_em(batch.points, batch.k, n_init=n_init, max_iter=em.max_iter, tol=em.tol,
-                     generator=torch.Generator().manual_seed(0))
-        return fit.result().centres
+    def model_grouped() -> Answer:
+        centres = model_forward()[0]
+        return centres, group_predictions(centres, batch.points, batch.mask).k_hat
 
-    def kmeans_torch() -> torch.Tensor:
-        fit = fit_kmeans(batch.points, batch.k, n_init=n_init, max_iter=em.max_iter,
-                         generator=torch.Generator().manual_seed(0))
-        return fit.result().centres
+    def torch_baseline(name: str) -> Callable[[], Answer]:
+        def fit() -> Answer:
+            result = run_baseline(name, batch, em, torch.Generator().manual_seed(0),
+                                  config.validation.bayes)
+            return result.centres, result.k_hat
 
-    def oracle() -> torch.Tensor:
-        return oracle_posterior_mean(batch.points, batch.centres, batch.weights,
-                                     batch.sigma).centres
+        return fit
 
     points_np = batch.points.double().numpy()
     ks = batch.k.tolist()
+    k_max = batch.centres.shape[1]
 
-    def em_sklearn() -> torch.Tensor:
+    def em_sklearn() -> Answer:
         out = np.empty_like(points_np)
         for i, (x, k) in enumerate(zip(points_np, ks)):
             gm = GaussianMixture(k, covariance_type="spherical", n_init=n_init,
                                  max_iter=em.max_iter, tol=em.tol, init_params="k-means++",
                                  random_state=i).fit(x)
             out[i] = gm.predict_proba(x) @ gm.means_
-        return torch.from_numpy(out)
+        return torch.from_numpy(out), None
 
-    methods = {"model": model_forward, "oracle": oracle, "em_torch": em_torch,
-               "kmeans_torch": kmeans_torch, "em_sklearn": em_sklearn}
+    def dpgmm_sklearn() -> Answer:
+        out, chosen = np.empty_like(points_np), []
+        for i, x in enumerate(points_np):
+            gm = BayesianGaussianMixture(
+                n_components=k_max, covariance_type="spherical",
+                weight_concentration_prior_type="dirichlet_process", n_init=n_init,
+                max_iter=em.max_iter, tol=em.tol, init_params="k-means++", random_state=i).fit(x)
+            out[i] = gm.predict_proba(x) @ gm.means_
+            chosen.append(len(np.unique(gm.predict(x))))
+        return torch.from_numpy(out), torch.tensor(chosen)
+
+    methods: dict[str, Callable[[], Answer]] = {"model": model_forward,
+                                                "model_grouped": model_grouped}
+    methods |= {name: torch_baseline(name) for name in TORCH_BASELINES}
+    methods |= {"em_sklearn": em_sklearn, "dpgmm_sklearn": dpgmm_sklearn}
     sigma2 = batch.sigma.double().square()
     rows = {}
     for name, fn in methods.items():
-        sklearn = name == "em_sklearn"
+        sklearn = name.endswith("_sklearn")
         limit = threadpool_limits(1) if sklearn and threadpool_limits else nullcontext()
         with limit, warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            seconds, pred = best_time(fn, 1 if sklearn else args.repeats)
+            seconds, (pred, k_hat) = best_time(fn, 1 if name in ONCE else args.repeats)
         mse = centre_mse_per_set(pred, batch.target)
         rows[name] = {"seconds": round(seconds, 4), "sets_per_s": round(args.sets / seconds, 1),
                       "points_per_s": round(args.sets * args.points / seconds),
-                      "mse": float(mse.mean()), "mse_over_noise": float((mse / sigma2).mean())}
+                      "mse": float(mse.mean()), "mse_over_noise": float((mse / sigma2).mean()),
+                      "k_accuracy": None if k_hat is None else
+                      float((k_hat.cpu() == batch.k.cpu()).double().mean())}
     for row in rows.values():
         row["speedup_vs_sklearn"] = round(rows["em_sklearn"]["seconds"] / row["seconds"], 2)
+        row["excess_over_bayes"] = row["mse"] / rows["bayes"]["mse"] - 1
     report = {"benchmark": "inference", "date": date.today().isoformat(),
               "machine": machine(),
               "torch": torch.__version__, "threads": args.threads, "run": str(args.run),
@@ -135,8 +163,10 @@ def main() -> None:
     print(f"{args.sets} sets x {args.points} points, torch {args.threads} thread(s), "
           f"EM/k-means n_init={n_init}")
     for name, r in rows.items():
+        k = "" if r["k_accuracy"] is None else f"  K right {r['k_accuracy']:.3f}"
         print(f"{name:>13}: {r['sets_per_s']:>9.1f} sets/s  {r['points_per_s']:>11,} pts/s  "
-              f"MSE/σ² {r['mse_over_noise']:.4f}  x{r['speedup_vs_sklearn']} vs sklearn")
+              f"MSE/σ² {r['mse_over_noise']:.4f}  {100 * r['excess_over_bayes']:+6.1f} % over "
+              f"the floor  x{r['speedup_vs_sklearn']} vs sklearn{k}")
 
 
 if __name__ == "__main__":

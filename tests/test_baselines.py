@@ -48,7 +48,8 @@ def hand_batch(centres: torch.Tensor, weights: torch.Tensor, sigma: float, n: in
     sig = torch.full((b,), sigma, dtype=DTYPE)
     batch = GMMBatch(points=torch.zeros(b, n, d, dtype=DTYPE), labels=labels, centres=centres,
                      weights=weights, sigma=sig, snr_db=torch.zeros(b, dtype=DTYPE),
-                     k=(weights > 0).sum(1))
+                     k=(weights > 0).sum(1), centre_scale=torch.full((b,), 5.0, dtype=DTYPE),
+                     weight_concentration=torch.full((b,), 5.0, dtype=DTYPE))
     batch.points = batch.target + sigma * torch.randn(b, n, d, generator=g, dtype=DTYPE)
     return batch
 
@@ -66,7 +67,8 @@ def test_easy_data_ordering() -> None:
     mse = {name: float(centre_mse_per_set(run_baseline(name, batch, EMConfig(), gen()).centres,
                                           batch.target).mean())
            for name in BASELINES}
-    assert mse["oracle"] < mse["em"] <= mse["kmeans"] < mse["identity"]
+    assert mse["oracle"] < mse["bayes"] <= mse["em_tied"] <= mse["em"] <= mse["kmeans"]
+    assert mse["em_tied"] <= mse["em_bic"] < mse["identity"]
 
 
 def test_em_recovers_well_separated_clusters() -> None:
@@ -128,6 +130,68 @@ def test_em_matches_scikit_learn_from_the_same_start() -> None:
         assert float(fit.weights[i, k:].abs().sum()) == 0.0
 
 
+def tied_em_reference(x: np.ndarray, seeds: np.ndarray, tol: float = 1e-6,
+                      max_iter: int = 100) -> tuple[np.ndarray, float, float]:
+    """Tied spherical EM for one set, point by point from the definitions: (means, shared
+    variance per coordinate, mean log-likelihood per point)."""
+    n, d = x.shape
+    k = len(seeds)
+    reg = EM_REG_COVAR * x.var(0).mean()
+
+    def m_step(resp: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        nk = resp.sum(0) + 10 * np.finfo(float).eps
+        means = (resp.T @ x) / nk[:, None]
+        spread = sum(resp[i, j] * np.sum((x[i] - means[j]) ** 2)
+                     for i in range(n) for j in range(k))
+        return nk / nk.sum(), means, spread / (d * nk.sum()) + reg
+
+    def e_step(w: np.ndarray, means: np.ndarray, var: float) -> tuple[np.ndarray, float]:
+        log_p = np.array([[math.log(w[j]) - 0.5 * d * math.log(2 * math.pi * var)
+                           - np.sum((x[i] - means[j]) ** 2) / (2 * var) for j in range(k)]
+                          for i in range(n)])
+        top = log_p.max(1, keepdims=True)
+        norm = top[:, 0] + np.log(np.exp(log_p - top).sum(1))
+        return np.exp(log_p - norm[:, None]), float(norm.mean())
+
+    nearest = np.argmin(((x[:, None] - seeds[None]) ** 2).sum(-1), 1)
+    w, means, var = m_step(np.eye(k)[nearest])
+    previous = -math.inf
+    for _ in range(max_iter):
+        resp, ll = e_step(w, means, var)
+        w, means, var = m_step(resp)
+        if abs(ll - previous) < tol:
+            break
+        previous = ll
+    return means, var, e_step(w, means, var)[1]
+
+
+def test_tied_em_matches_a_slow_reference_from_the_same_start() -> None:
+    batch = bank(6, seed=12, sample_count_distribution=DistributionSpec(type="fixed", value=40),
+                 snr_db_params=DistributionSpec(type="uniform", min=3, max=12))
+    seeds = kmeans_plus_plus_init(batch.points, batch.k, None, gen(3))
+    fit = fit_em(batch.points, batch.k, seeds=seeds, tied=True)
+    for i in range(batch.num_sets):
+        k = int(batch.k[i])
+        means, var, ll = tied_em_reference(batch.points[i].numpy(), seeds[i, :k].numpy())
+        np.testing.assert_allclose(fit.means[i, :k].numpy(), means, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(fit.variances[i, :k].numpy(), var, rtol=1e-6)
+        assert float(fit.log_likelihood[i]) == pytest.approx(ll, rel=1e-9)
+    # The untied fit from the same start differs: the test sees the tying.
+    loose = fit_em(batch.points, batch.k, seeds=seeds)
+    assert not torch.allclose(loose.variances, fit.variances)
+
+
+def test_em_bic_finds_the_number_of_clear_clusters() -> None:
+    centres = torch.tensor([[[-6.0, 0.0], [6.0, 0.0], [0.0, 8.0], [0.0, 0.0]],
+                            [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]], dtype=DTYPE)
+    weights = torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0], [1.0, 0.0, 0.0, 0.0]], dtype=DTYPE)
+    batch = hand_batch(centres, weights, sigma=0.5, n=150)
+    result = run_baseline("em_bic", batch, EMConfig(), gen())
+    assert result.k_hat.tolist() == [3, 1]
+    assert float(centre_mse_per_set(result.centres, batch.target).max()) < 0.01
+    assert run_baseline("em_tied", batch, EMConfig(), gen()).k_hat is None  # told K
+
+
 def test_kmeans_matches_scikit_learn_from_the_same_start() -> None:
     batch = bank(10, seed=6)
     seeds = kmeans_plus_plus_init(batch.points, batch.k, batch.mask, gen(4))
@@ -174,16 +238,20 @@ def test_padding_does_not_change_a_baseline(name: str) -> None:
     ari = adjusted_rand_index(other.assignments[:, :n], result.assignments, batch.mask)
     assert torch.allclose(ari, torch.ones_like(ari))
     assert bool((other.centres[:, n:] == 0).all())
-    # Each set alone, unpadded: the same answer (em / k-means from the same seeds).
+    if name in ("em_bic", "bayes"):  # random draws per set depend on the batch: no fixed start
+        return
+    # Each set alone, unpadded: the same answer (EM / k-means from the same seeds).
     seeds = kmeans_plus_plus_init(batch.points, batch.k, batch.mask, gen(2))
-    if name == "em":
-        result = fit_em(batch.points, batch.k, batch.mask, seeds=seeds).result(batch.mask)
+    tied = name == "em_tied"
+    if name in ("em", "em_tied"):
+        result = fit_em(batch.points, batch.k, batch.mask, seeds=seeds, tied=tied
+                        ).result(batch.mask)
     elif name == "kmeans":
         result = fit_kmeans(batch.points, batch.k, batch.mask, seeds=seeds).result(batch.mask)
     for i in range(batch.num_sets):
         one = unpadded(batch, i)
-        if name == "em":
-            alone = fit_em(one.points, one.k, seeds=seeds[i:i + 1]).result()
+        if name in ("em", "em_tied"):
+            alone = fit_em(one.points, one.k, seeds=seeds[i:i + 1], tied=tied).result()
         elif name == "kmeans":
             alone = fit_kmeans(one.points, one.k, seeds=seeds[i:i + 1]).result()
         else:
@@ -219,7 +287,8 @@ def test_degenerate_sets_stay_finite() -> None:
     batch = GMMBatch(points=points, labels=torch.zeros(3, 6, dtype=torch.long), centres=centres,
                      weights=torch.full((3, 4), 0.25, dtype=DTYPE),
                      sigma=torch.full((3,), 0.1, dtype=DTYPE), snr_db=torch.zeros(3, dtype=DTYPE),
-                     k=k, mask=mask)
+                     k=k, mask=mask, centre_scale=torch.full((3,), 1.0, dtype=DTYPE),
+                     weight_concentration=torch.full((3,), 5.0, dtype=DTYPE))
     for name in BASELINES:
         result = run_baseline(name, batch, EMConfig(n_init=2, max_iter=50), gen())
         assert bool(torch.isfinite(result.centres).all()), name

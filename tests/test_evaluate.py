@@ -58,10 +58,13 @@ def test_evaluate_prints_the_table_and_writes_every_result(
     assert main([str(run_dir), "--num-sets", "12", "--batch-size", "8", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     header = out.splitlines()[4]
-    for column in ("MSE", "MSE/σ²", "ARI", "NMI", "gap closed"):
+    for column in ("is told", "MSE", "MSE/σ²", "over the floor", "ARI", "NMI", "K right"):
         assert column in header
     for row in ("model", *ALL_BASELINES):
         assert f"| {row} |" in out
+    assert "model reachable gap: " in out and "; model gap closed: " in out
+    assert "Bayes floor: the Gibbs chains disagree on " in out
+    assert "### MSE over the Bayes floor by SNR" in out and "### K found, by K" in out
     assert "### MSE/σ² by SNR" in out and "### MSE/σ² by K" in out
     assert "| closest centres (σ) | sets |" in out and "| 12_inf |" in out
 
@@ -71,7 +74,12 @@ def test_evaluate_prints_the_table_and_writes_every_result(
     for metrics in (result["model"], *result["baselines"].values()):
         assert metrics["mse"] > 0 and metrics["mse_over_noise"] > 0
     assert 0 <= result["baselines"]["oracle"]["mse"] <= result["baselines"]["identity"]["mse"]
-    assert "gap_closed" in result["model"]
+    for key in ("gap_closed", "reachable_gap", "excess_over_bayes", "ari", "k_accuracy",
+                "induced_ari"):
+        assert key in result["model"], key
+    assert "unconverged" in result["baselines"]["bayes"]
+    assert "k_accuracy" in result["baselines"]["em_bic"]
+    assert "k_accuracy" not in result["baselines"]["em"]  # told K
     # Breakdowns have their own sections, each split into model and baselines.
     assert not any(k.startswith(("by_snr.", "by_k.", "by_sep.")) for k in result["model"])
     for kind in ("by_snr", "by_k", "by_sep"):

@@ -14,8 +14,10 @@ from gmmt.evaluation.report import markdown
 from gmmt.evaluation.results import Results, bin_edges
 from gmmt.evaluation.validate import Layout, layout, summarise, validation_sums
 
-ALL_METRICS = ["mse", "mse_over_noise", "gap_closed", "ari", "nmi", "energy", "wasserstein"]
-ALL_BASELINES = ["identity", "oracle", "em", "kmeans"]
+ALL_METRICS = ["mse", "mse_over_noise", "reachable_gap", "gap_closed", "ari", "nmi",
+               "k_accuracy", "induced_ari", "induced_nmi", "energy", "wasserstein"]
+# Every baseline but the Bayes floor, whose cost has its own tests (test_bayes.py, below).
+ALL_BASELINES = ["identity", "oracle", "em_tied", "em", "em_bic", "kmeans"]
 
 
 class Identity(nn.Module):
@@ -77,7 +79,11 @@ def test_sums_follow_the_layout(shape: Layout, sums: torch.Tensor) -> None:
     assert len(set(shape.groups)) == len(shape.groups)
     assert shape.methods == ("model", *ALL_BASELINES)
     assert shape.metrics[:2] == ("mse", "mse_over_noise")
-    assert "gap_closed" not in shape.metrics  # derived, never summed
+    assert not {"gap_closed", "reachable_gap"} & set(shape.metrics)  # derived, never summed
+    # Only the methods that choose K have a K accuracy; the truth-induced clusters are the
+    # model's only.
+    assert [m for m, metric in shape.columns if metric == "k_accuracy"] == ["model", "em_bic"]
+    assert [m for m, metric in shape.columns if metric == "induced_ari"] == ["model"]
     assert float(sums[0, 0]) == 40  # every set is in the first group
 
 
@@ -90,9 +96,9 @@ def test_summarise_covers_every_group_and_derives_gap_closed(shape: Layout,
                                        for scores in bins.values()]
     for scores in every_group:
         assert list(scores) == list(shape.methods)
-        assert list(scores["model"]) == ["mse", "gap_closed", *shape.metrics[1:]]
+        assert list(scores["model"]) == ["mse", "gap_closed", *shape.method_metrics("model")[1:]]
         for method in shape.methods[1:]:
-            assert list(scores[method]) == list(shape.metrics)
+            assert list(scores[method]) == shape.method_metrics(method)
     overall = results.overall
     assert overall["model"]["gap_closed"] == pytest.approx(
         (overall["em"]["mse"] - overall["model"]["mse"])
@@ -126,7 +132,7 @@ def test_markdown_report_orders_bins_by_value() -> None:
                       {"by_k": {"10": 1, "2": 5, "3": 4}})
     text = markdown(results, "title", "one line")
     assert text.startswith("## title\n\none line\n")
-    assert "| model | 0.1 | — | — | — | 0.3 |" in text
+    assert "| model | the points only | 0.1 |" in text and "model gap closed: 0.3 (" in text
     k_rows = [line for line in text.splitlines() if line.startswith(("| 2 ", "| 3 ", "| 10 "))]
     assert k_rows == ["| 2 | 5 | 0.5 | 0.25 |", "| 3 | 4 | 0.5 | 0.25 |",
                       "| 10 | 1 | 0.5 | 0.25 |"]
@@ -149,10 +155,14 @@ def test_breakdowns_sum_back_to_the_totals(shape: Layout, sums: torch.Tensor) ->
 
 def test_identity_model_scores_like_the_identity_baseline(shape: Layout,
                                                           sums: torch.Tensor) -> None:
-    for metric in ("mse", "mse_over_noise", "ari", "nmi", "energy", "wasserstein"):
-        torch.testing.assert_close(sums[:, shape.column("model", metric)],
-                                   sums[:, shape.column("identity", metric)], rtol=1e-12,
-                                   atol=0), metric
+    pairs = [(m, m) for m in ("mse", "mse_over_noise", "energy", "wasserstein")]
+    # The identity baseline's assignment is each point's nearest true centre: the clusters the
+    # truth induces on the identity model's predictions.
+    pairs += [("induced_ari", "ari"), ("induced_nmi", "nmi")]
+    for model_metric, baseline_metric in pairs:
+        torch.testing.assert_close(sums[:, shape.column("model", model_metric)],
+                                   sums[:, shape.column("identity", baseline_metric)],
+                                   rtol=1e-12, atol=0), model_metric
     overall = summarise(sums, shape).overall
     assert overall["model"]["mse_over_noise"] == pytest.approx(1.0, abs=0.1)  # MSE ~ sigma^2
     assert overall["oracle"]["mse"] < overall["em"]["mse"] < overall["model"]["mse"]
@@ -215,3 +225,17 @@ def test_baseline_cache_gives_identical_sums_without_recomputing(monkeypatch) ->
     assert not calls  # every baseline came from the cache
     assert len(cache) == len(bank) * len(cfg.validation.baselines)
     assert torch.equal(fresh, first) and torch.equal(first, second)
+
+
+def test_markdown_report_shows_the_floor_and_what_each_method_is_told() -> None:
+    overall = {"model": {"mse": 0.0011, "excess_over_bayes": 0.05, "reachable_gap": 0.4,
+                         "k_accuracy": 0.9},
+               "bayes": {"mse": 0.00105, "unconverged": 0.25},
+               "em_tied": {"mse": 0.00111, "excess_over_bayes": 0.057},
+               "em_bic": {"mse": 0.00112, "excess_over_bayes": 0.067, "k_accuracy": 0.95}}
+    text = markdown(Results(overall, num_sets=8), "t", "d")
+    assert "| bayes | K, σ and the prior (the floor) | 0.00105 | — | — |" in text
+    assert "| model | the points only | 0.0011 | +5.0 % | 0.9 |" in text
+    assert "| em_bic | K ≤ K_max; chooses K | 0.00112 | +6.7 % | 0.95 |" in text
+    assert "model reachable gap: 0.4" in text
+    assert "the Gibbs chains disagree on 2 of 8 sets" in text

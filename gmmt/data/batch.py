@@ -63,6 +63,7 @@ class GMMBatch:
     k: torch.Tensor  # [b] long, number of real components
     mask: torch.Tensor | None = None  # [b, n] bool, True = real point
     centre_scale: torch.Tensor | None = None  # [b] float, centres were drawn from N(0, s^2 I)
+    weight_concentration: torch.Tensor | None = None  # [b] float, weights ~ Dirichlet(alpha 1)
 
     @property
     def num_sets(self) -> int:

@@ -103,7 +103,9 @@ def sample_gmm_batch(config: DataConfig, batch_size: int, generator: torch.Gener
         points = points.masked_fill(~mask.unsqueeze(-1), 0.0)
     return GMMBatch(points=points, labels=labels, centres=centres, weights=weights, sigma=sigma,
                     snr_db=snr_db, k=k, mask=mask,
-                    centre_scale=torch.full((b,), config.center_scale, device=device, dtype=dtype))
+                    centre_scale=torch.full((b,), config.center_scale, device=device, dtype=dtype),
+                    weight_concentration=torch.full((b,), config.weight_concentration,
+                                                    device=device, dtype=dtype))
 
 
 def weighted_centre_variance(centres: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

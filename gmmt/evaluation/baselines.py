@@ -3,9 +3,15 @@
 * ``identity``: c(x) = x (assignments: each point's nearest true centre);
 * ``oracle``: the posterior mean with the true parameters, the best denoiser given them
   (unattainable from the points alone);
-* ``em``: EM for a spherical GMM with the true K (one variance per component, as scikit-learn's
-  ``covariance_type="spherical"``), k-means++ initialisation, ``n_init`` restarts;
-* ``kmeans``: Lloyd's k-means with the true K, k-means++ initialisation, ``n_init`` restarts.
+* ``em_tied``: EM for a spherical GMM with the true K and ONE variance shared by the set's
+  components, the generator's own model class; k-means++ initialisation, ``n_init`` restarts;
+* ``em``: the same with one variance per component (scikit-learn's
+  ``covariance_type="spherical"``), a looser model than the data's;
+* ``em_bic``: tied EM for every K = 1..K_max of the batch, the K with the lowest BIC kept: the
+  classical answer when K is not told;
+* ``kmeans``: Lloyd's k-means with the true K, k-means++ initialisation, ``n_init`` restarts;
+* ``bayes``: the posterior mean under the generating prior given K and sigma
+  (:mod:`gmmt.evaluation.bayes`), the floor for anything that sees only the points.
 
 Both fits seed with greedy k-means++ as scikit-learn does (several candidates per seed, the
 best kept): plain k-means++ leaves EM in a bad local optimum far more often.
@@ -34,11 +40,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gmmt.config.validation import EMConfig
+from gmmt.config.validation import BayesConfig, EMConfig
 from gmmt.data.batch import GMMBatch, posterior_logits
 from gmmt.evaluation.metrics import clean_points, induced_clusters
 
-BASELINES = ("identity", "oracle", "em", "kmeans")
+BASELINES = ("identity", "oracle", "bayes", "em_tied", "em", "em_bic", "kmeans")
 # EM's variance regulariser, relative to each set's per-coordinate variance: the analogue of
 # scikit-learn's absolute reg_covar=1e-6, made scale-free like the model (set normalisation).
 EM_REG_COVAR = 1e-6
@@ -53,6 +59,8 @@ class BaselineResult:
 
     centres: Tensor  # [b, n, d] predicted centre of each point (zero on padded points)
     assignments: Tensor  # [b, n] long, component of each point (0 on padded points)
+    k_hat: Tensor | None = None  # [b] long, the number of clusters, where the method chose it
+    unconverged: Tensor | None = None  # [b] bool, where the method checks its own convergence
 
 
 @dataclass
@@ -64,7 +72,7 @@ class EMFit:
 
     means: Tensor  # [b, k, d]
     weights: Tensor  # [b, k]
-    variances: Tensor  # [b, k], per coordinate
+    variances: Tensor  # [b, k], per coordinate (all equal within a set when tied)
     log_likelihood: Tensor  # [b], mean per real point, at the returned parameters
     responsibilities: Tensor  # [b, n, k] at the returned parameters (0 on padded points)
     n_iter: Tensor  # [b] long, EM iterations run (as scikit-learn's n_iter_)
@@ -169,7 +177,7 @@ def _sample_index(weights: Tensor, u: Tensor) -> Tensor:
     total = cdf[:, -1:]
     # u < 1 - 2^-50 keeps u * total strictly below total after rounding.
     t = u.clamp(max=1.0 - 2.0**-50) * total
-    index = torch.searchsorted(cdf, t, right=True)
+    index = torch.searchsorted(cdf, t.contiguous(), right=True)
     return torch.where(total > 0, index, 0).clamp_(max=weights.shape[1] - 1)
 
 
@@ -280,9 +288,10 @@ def _set_variance(xs: Tensor, m: Tensor) -> Tensor:
     return torch.where(var > 0, var, 1.0)
 
 
-def _m_step(xs: Tensor, resp: Tensor, comp: Tensor, reg: Tensor, old: _GMM) -> _GMM:
+def _m_step(xs: Tensor, resp: Tensor, comp: Tensor, reg: Tensor, old: _GMM,
+            tied: bool = False) -> _GMM:
     """Maximum-likelihood spherical GMM for responsibilities ``resp`` [b, k, n] of the
-    augmented points ``xs``."""
+    augmented points ``xs``; with ``tied``, one variance shared by the set's components."""
     d = xs.shape[1] - 2
     stats = resp @ xs.transpose(1, 2)  # [b, k, d + 2]: sum r x, sum r |x|^2, sum r
     # scikit-learn adds 10 machine epsilons to every component's mass; matching it keeps the
@@ -291,10 +300,14 @@ def _m_step(xs: Tensor, resp: Tensor, comp: Tensor, reg: Tensor, old: _GMM) -> _
     means = stats[..., :d] / nk.unsqueeze(-1)
     # E_r|x - mu|^2 = E_r|x|^2 - |mu|^2 (scikit-learn's form); clamped against cancellation.
     spread = (stats[..., d] / nk - means.square().sum(-1)).clamp_min_(0.0)
-    variances = spread.div_(d).add_(reg.unsqueeze(1))
     keep = (nk < _EMPTY) | ~comp  # empty or switched off: keep the old values
+    if tied:  # the pooled spread: sum_k n_k spread_k / sum_k n_k over the real components
+        mass = torch.where(comp, nk, 0.0)
+        pooled = (mass * spread).sum(1) / mass.sum(1)
+        variances = (pooled / d + reg).unsqueeze(1).expand_as(spread).clone()
+    else:
+        variances = torch.where(keep, old.variances, spread.div_(d).add_(reg.unsqueeze(1)))
     means = torch.where(keep.unsqueeze(-1), old.means, means)
-    variances = torch.where(keep, old.variances, variances)
     w = torch.where(comp, nk, 0.0)
     return _GMM(torch.log(w / w.sum(1, keepdim=True)), means, variances)  # log 0 = -inf
 
@@ -350,8 +363,8 @@ def _one_hot_kn(index: Tensor, k: int, dtype: torch.dtype) -> Tensor:
     return (torch.arange(k, device=index.device).view(1, k, 1) == index.unsqueeze(1)).to(dtype)
 
 
-def _initial_gmm(xs: Tensor, m: Tensor, k: Tensor, seeds: Tensor, reg_covar: float
-                 ) -> tuple[_GMM, Tensor, Tensor]:
+def _initial_gmm(xs: Tensor, m: Tensor, k: Tensor, seeds: Tensor, reg_covar: float,
+                 tied: bool = False) -> tuple[_GMM, Tensor, Tensor]:
     """(initial GMM, real components [b, k], absolute regulariser [b])."""
     seeds = seeds.to(xs.dtype)
     comp = _components(k, seeds.shape[1])
@@ -360,7 +373,7 @@ def _initial_gmm(xs: Tensor, m: Tensor, k: Tensor, seeds: Tensor, reg_covar: flo
     placeholder = _GMM(torch.zeros_like(seeds[..., 0]), seeds,
                        set_var.unsqueeze(1).expand(-1, seeds.shape[1]))
     resp = _one_hot_kn(_nearest(xs, seeds, comp)[0], seeds.shape[1], xs.dtype)
-    return _m_step(xs, resp, comp, reg, placeholder), comp, reg
+    return _m_step(xs, resp, comp, reg, placeholder, tied), comp, reg
 
 
 @torch.no_grad()
@@ -378,7 +391,8 @@ def initial_em_parameters(points: Tensor, k: Tensor, mask: Tensor | None, seeds:
 @torch.no_grad()
 def fit_em(points: Tensor, k: Tensor, mask: Tensor | None = None, *, n_init: int = 1,
            max_iter: int = 100, tol: float = 1e-6, generator: torch.Generator | None = None,
-           seeds: Tensor | None = None, reg_covar: float = EM_REG_COVAR) -> EMFit:
+           seeds: Tensor | None = None, reg_covar: float = EM_REG_COVAR,
+           tied: bool = False) -> EMFit:
     """Fit a spherical GMM with ``k`` [b] components to every set by EM.
 
     Each restart seeds with k-means++ (:func:`kmeans_plus_plus_init`), starts from
@@ -393,9 +407,10 @@ def fit_em(points: Tensor, k: Tensor, mask: Tensor | None = None, *, n_init: int
         points [b, n, d]; k [b] long, components per set; mask [b, n] bool or None.
         n_init: restarts, run together as extra rows of the batch.
         seeds: fixed seeds [b, k_max, d] instead of k-means++ (then one restart).
+        tied: one variance shared by each set's components (the generator's model class).
     """
     xs, m, k, seeds, r = _seeded_inputs(points, mask, k, n_init, generator, seeds)
-    gmm, comp, reg = _initial_gmm(xs, m, k, seeds, reg_covar)
+    gmm, comp, reg = _initial_gmm(xs, m, k, seeds, reg_covar, tied)
     rows = torch.arange(xs.shape[0], device=xs.device)
     n_iter = torch.full_like(rows, max_iter)
     converged = torch.zeros_like(rows, dtype=torch.bool)
@@ -407,7 +422,7 @@ def fit_em(points: Tensor, k: Tensor, mask: Tensor | None = None, *, n_init: int
     previous = torch.full_like(reg, -math.inf)
     for iteration in range(1, max_iter + 1):
         mean_ll, resp = _e_step(xs_run, m_run, count_run, gmm)
-        gmm = _m_step(xs_run, resp, comp_run, reg_run, gmm)
+        gmm = _m_step(xs_run, resp, comp_run, reg_run, gmm, tied)
         done = (mean_ll - previous).abs() < tol
         previous = mean_ll
         if bool(done.any()):  # a host sync per iteration, the price of stopping early
@@ -474,25 +489,85 @@ def fit_kmeans(points: Tensor, k: Tensor, mask: Tensor | None = None, *, n_init:
 
 
 # ---------------------------------------------------------------------------------------------
+# K by BIC.
+
+
+def bic_parameters(k: int, d: int) -> int:
+    """Free parameters of a tied spherical GMM: k means, k - 1 weights, one variance."""
+    return k * d + (k - 1) + 1
+
+
+@torch.no_grad()
+def fit_em_bic(points: Tensor, k_max: int, mask: Tensor | None = None, *, n_init: int = 1,
+               max_iter: int = 100, tol: float = 1e-6,
+               generator: torch.Generator | None = None) -> BaselineResult:
+    """Tied spherical EM for every K = 1..``k_max``; per set, the fit with the lowest BIC,
+    -2 log L + p log n (p = :func:`bic_parameters`). Returns its posterior-mean centres,
+    assignments and K (``k_hat``)."""
+    b, n = points.shape[:2]
+    count = torch.full((b,), n, device=points.device) if mask is None else mask.sum(1)
+    log_n = count.double().clamp_min(1).log()
+    best_bic = torch.full((b,), math.inf, dtype=torch.float64, device=points.device)
+    best: BaselineResult | None = None
+    k_hat = torch.ones(b, dtype=torch.long, device=points.device)
+    for k in range(1, k_max + 1):
+        fit = fit_em(points, torch.full((b,), k, device=points.device), mask, n_init=n_init,
+                     max_iter=max_iter, tol=tol, generator=generator, tied=True)
+        bic = -2 * fit.log_likelihood.double() * count + bic_parameters(k, points.shape[-1]) \
+            * log_n
+        result = fit.result(mask)
+        if best is None:
+            best, best_bic = result, bic
+            continue
+        better = bic < best_bic
+        best = BaselineResult(torch.where(better.view(-1, 1, 1), result.centres, best.centres),
+                              torch.where(better.view(-1, 1), result.assignments,
+                                          best.assignments))
+        best_bic = torch.where(better, bic, best_bic)
+        k_hat = torch.where(better, k, k_hat)
+    assert best is not None
+    best.k_hat = k_hat
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
 # Dispatch.
 
 
-def run_baseline(name: str, batch: GMMBatch, em: EMConfig,
-                 generator: torch.Generator) -> BaselineResult:
+def run_baseline(name: str, batch: GMMBatch, em: EMConfig, generator: torch.Generator,
+                 bayes: BayesConfig | None = None) -> BaselineResult:
     """The answer of baseline ``name`` (one of :data:`BASELINES`) for every point of ``batch``.
 
     ``em`` gives n_init / max_iter / tol (k-means uses the same n_init and max_iter);
-    ``generator`` (on the batch's device) seeds k-means++.
+    ``generator`` (on the batch's device) seeds k-means++ and the Gibbs sampler; ``bayes``
+    configures the sampler (default: :class:`BayesConfig`'s defaults). ``em_bic`` tries
+    K = 1..K_max, K_max the batch's largest possible K (its padded component count).
     """
     if name == "identity":
         return identity(batch.points, batch.centres, batch.weights, batch.mask)
     if name == "oracle":
         return oracle_posterior_mean(batch.points, batch.centres, batch.weights, batch.sigma,
                                      batch.mask)
-    if name == "em":
+    if name in ("em", "em_tied"):
         return fit_em(batch.points, batch.k, batch.mask, n_init=em.n_init,
-                      max_iter=em.max_iter, tol=em.tol, generator=generator).result(batch.mask)
+                      max_iter=em.max_iter, tol=em.tol, generator=generator,
+                      tied=name == "em_tied").result(batch.mask)
+    if name == "em_bic":
+        return fit_em_bic(batch.points, batch.centres.shape[1], batch.mask, n_init=em.n_init,
+                          max_iter=em.max_iter, tol=em.tol, generator=generator)
     if name == "kmeans":
         return fit_kmeans(batch.points, batch.k, batch.mask, n_init=em.n_init,
                           max_iter=em.max_iter, generator=generator).result(batch.mask)
+    if name == "bayes":
+        from gmmt.evaluation.bayes import bayes_posterior_mean  # it imports this module
+
+        if batch.centre_scale is None or batch.weight_concentration is None:
+            raise ValueError("the bayes baseline needs the batch's prior (centre_scale, "
+                             "weight_concentration), which sample_gmm_batch fills in")
+        config = bayes or BayesConfig()
+        fit = bayes_posterior_mean(
+            batch.points, batch.k, batch.sigma, batch.centre_scale, batch.weight_concentration,
+            batch.mask, num_chains=config.num_chains, burn_in=config.burn_in,
+            num_samples=config.num_samples, tolerance=config.tolerance, generator=generator)
+        return BaselineResult(fit.centres, fit.assignments, unconverged=fit.unconverged)
     raise ValueError(f"unknown baseline {name!r}; choose one of {list(BASELINES)}")

@@ -23,6 +23,7 @@ from gmmt.config.data import DataConfig
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.presets import PresetStore, preset_dirs
 from gmmt.config.validation import (
+    DERIVED_METRICS,
     BaselineName,
     BreakdownConfig,
     MetricName,
@@ -90,12 +91,13 @@ def evaluation_config(saved: ExperimentConfig, num_sets: int, batch_size: int,
                       baselines: Sequence[str]) -> ValidationConfig:
     """Every metric, the chosen baselines, per-SNR, per-K and per-separation breakdown, all
     plots."""
-    metrics = list(ALL_METRICS)
-    if not {"em", "oracle"} <= set(baselines):
-        metrics.remove("gap_closed")  # defined through the EM and oracle errors
+    # A derived metric needs the baselines whose errors define it.
+    metrics = [m for m in ALL_METRICS
+               if set(DERIVED_METRICS.get(m, ())) <= set(baselines)]
     grid = saved.validation.visualization.baseline
     if grid not in baselines:  # the run's grid baseline, else the strongest one scored
-        grid = next((b for b in ("em", "kmeans", "oracle", "identity") if b in baselines), grid)
+        grid = next((b for b in ("em_tied", "em", "kmeans", "oracle", "identity")
+                     if b in baselines), grid)
     plots = ALL_PLOTS if baselines else [p for p in ALL_PLOTS if p != "sample_grid"]
     config = ValidationConfig(
         num_sets=num_sets, batch_size=batch_size, every_n_steps=0, metrics=metrics,

@@ -30,8 +30,12 @@ PLOT_FILES = {
     "error_vs_snr": "error_vs_snr.png",
 }
 # One colour per baseline in every figure, so a legend read once holds for all of them.
-BASELINE_COLOURS = {"identity": "tab:gray", "oracle": "tab:green", "em": "tab:blue",
+BASELINE_COLOURS = {"identity": "tab:gray", "oracle": "tab:green", "bayes": "tab:red",
+                    "em_tied": "tab:purple", "em": "tab:blue", "em_bic": "tab:cyan",
                     "kmeans": "tab:orange"}
+# Legend names that say what a yardstick knows.
+LEGEND_NAMES = {"oracle": "oracle (knows the parameters)", "bayes": "bayes (the floor)",
+                "em_bic": "em_bic (chooses K)"}
 DPI = 110
 FONT = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "legend.fontsize": 9}
 
@@ -267,12 +271,14 @@ def snr_breakdown(by_snr: Mapping[str, Scores], metric: str
                     for m in methods}
 
 
-def plot_error_vs_snr(by_snr: Mapping[str, Scores], path: str | Path) -> Path:
+def plot_error_vs_snr(by_snr: Mapping[str, Scores], path: str | Path,
+                      overall: Scores | None = None) -> Path:
     """MSE / sigma^2 (MSE when that was not computed) per SNR bin for the model and every
-    baseline; returns ``path``.
+    baseline, the Bayes floor drawn solid; returns ``path``.
 
     Args:
         by_snr: bin label -> method -> metric -> value (``Results.breakdowns["by_snr"]``).
+        overall: the overall scores; the model's gaps from them go in the title.
 
     Raises:
         ValueError: ``by_snr`` is empty (enable ``validation.breakdown.by_snr``).
@@ -291,9 +297,10 @@ def plot_error_vs_snr(by_snr: Mapping[str, Scores], path: str | Path) -> Path:
         fig = Figure(figsize=(7, 4.5), layout="constrained")
         ax = fig.subplots()
         for i, (method, values) in enumerate(series.items()):
-            is_model = method == "model"
-            ax.plot(x, values, label=method, marker="o", ms=6 if is_model else 4,
-                    lw=2.5 if is_model else 1.4, ls="-" if is_model else "--",
+            is_model = method == MODEL
+            ax.plot(x, values, label=LEGEND_NAMES.get(method, method), marker="o",
+                    ms=6 if is_model else 4, lw=2.5 if is_model else 1.4,
+                    ls="-" if method in (MODEL, "bayes") else "--",
                     color="black" if is_model else _baseline_colour(method, i),
                     zorder=3 if is_model else 2)
         values = [v for vs in series.values() for v in vs if math.isfinite(v)]
@@ -307,7 +314,14 @@ def plot_error_vs_snr(by_snr: Mapping[str, Scores], path: str | Path) -> Path:
         else:
             ax.set_xticks(x, labels)
             ax.set_xlabel("SNR bin")
-        ax.set(title=f"{ylabel} versus SNR", ylabel=ylabel)
+        title = f"{ylabel} versus SNR"
+        model = (overall or {}).get(MODEL, {})
+        gaps = [f"{name} {model[key]:+.3g}" for key, name in (
+            ("excess_over_bayes", "over the floor"), ("reachable_gap", "reachable gap"))
+            if key in model]
+        if gaps:
+            title += "\nmodel overall: " + ", ".join(gaps)
+        ax.set(title=title, ylabel=ylabel)
         ax.grid(True, which="both", axis="y", alpha=0.3)
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never over data
         return _save(fig, path)

@@ -45,7 +45,7 @@ def grid_predictions(model: nn.Module, batch: GMMBatch, config: ValidationConfig
     name = config.visualization.baseline
     if name in config.baselines:
         generator = make_generator(derive_seed(seed, PLOT_STREAM, 0, 0), batch.points.device)
-        out[name] = run_baseline(name, batch, config.em, generator).centres
+        out[name] = run_baseline(name, batch, config.em, generator, config.bayes).centres
     return out
 
 
@@ -87,7 +87,8 @@ def draw_plots(config: ValidationConfig, out_dir: str | Path, model: nn.Module,
                     log.warning("plot error_vs_snr skipped: no per-SNR metrics (set "
                                 "validation.breakdown.by_snr=true)")
                     continue
-                drawn[name] = plot_error_vs_snr(results.breakdowns["by_snr"], path)
+                drawn[name] = plot_error_vs_snr(results.breakdowns["by_snr"], path,
+                                                results.overall)
         except Exception:  # a broken plot must not fail a finished run; keep the traceback
             log.warning("plot %s failed", name, exc_info=True)
     return drawn
@@ -95,19 +96,40 @@ def draw_plots(config: ValidationConfig, out_dir: str | Path, model: nn.Module,
 
 # --- markdown ------------------------------------------------------------------------------
 
+# What each method is told: a score means little without it.
+KNOWS = {
+    MODEL: "the points only",
+    "oracle": "true centres, weights, σ (unattainable)",
+    "bayes": "K, σ and the prior (the floor)",
+    "em_tied": "K",
+    "em": "K",
+    "em_bic": "K ≤ K_max; chooses K",
+    "kmeans": "K",
+    "identity": "nothing",
+}
+SUMMARY_COLUMNS = (  # metric, heading
+    ("mse", "MSE"), ("mse_over_noise", "MSE/σ²"), ("excess_over_bayes", "over the floor"),
+    ("ari", "ARI"), ("nmi", "NMI"), ("k_accuracy", "K right"),
+)
 BREAKDOWN_TABLES = (  # kind, metric, heading of the bin column, title
     ("by_snr", "mse_over_noise", "SNR bin (dB)", "MSE/σ² by SNR"),
+    ("by_snr", "excess_over_bayes", "SNR bin (dB)", "MSE over the Bayes floor by SNR"),
+    ("by_snr", "k_accuracy", "SNR bin (dB)", "K found, by SNR"),
     ("by_k", "mse_over_noise", "K", "MSE/σ² by K"),
+    ("by_k", "k_accuracy", "K", "K found, by K"),
     ("by_sep", "mse", "closest centres (σ)", "MSE by the distance between the two closest centres"),
+)
+MODEL_GAPS = (  # the model's derived gaps, shown under the summary and beside each breakdown
+    ("reachable_gap", "reachable gap"), ("gap_closed", "gap closed"),
 )
 
 
-def _fmt(value: float | None) -> str:
+def _fmt(value: float | None, percent: bool = False) -> str:
     if value is None:
         return "—"
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    return f"{value:.4g}"
+    return f"{100 * value:+.1f} %" if percent else f"{value:.4g}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -119,26 +141,44 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def breakdown_table(results: Results, kind: str, metric: str, heading: str) -> list[str]:
     """Markdown rows of ``metric`` per bin of one breakdown, after the bin's number of sets,
-    for every method that has it (none when the breakdown was not computed)."""
+    for every method that has it, then the model's gaps in that bin (nothing when the
+    breakdown or the metric was not computed)."""
     bins = results.breakdowns.get(kind, {})
     labels = sorted(bins, key=bin_sort_key)
     methods = list(dict.fromkeys(m for label in labels for m, values in bins[label].items()
                                  if metric in values))
+    if not labels or not methods:
+        return []
+    gaps = [(key, name) for key, name in MODEL_GAPS
+            if metric == "mse_over_noise" and any(key in bins[b].get(MODEL, {}) for b in labels)]
     counts = results.counts.get(kind, {})
+    percent = metric == "excess_over_bayes"
     rows = [[label, str(counts.get(label, "—"))]
-            + [_fmt(bins[label].get(m, {}).get(metric)) for m in methods] for label in labels]
-    return _table([heading, "sets", *methods], rows) if labels else []
+            + [_fmt(bins[label].get(m, {}).get(metric), percent) for m in methods]
+            + [_fmt(bins[label].get(MODEL, {}).get(key)) for key, _ in gaps] for label in labels]
+    return _table([heading, "sets", *methods, *(f"model {name}" for _, name in gaps)], rows)
 
 
 def markdown(results: Results, title: str, description: str) -> str:
-    """The summary table (model + each baseline) and the per-SNR / per-K / per-separation
-    breakdowns, under ``## title`` and a one-line ``description``."""
+    """The summary table (model + each baseline, with what each is told), the model's gaps,
+    the floor's convergence, and the per-SNR / per-K / per-separation breakdowns, under
+    ``## title`` and a one-line ``description``."""
     lines = [f"## {title}", "", description, ""]
-    columns = ("mse", "mse_over_noise", "ari", "nmi")
-    rows = [[method, *(_fmt(values.get(m)) for m in columns),
-             _fmt(values.get("gap_closed")) if method == MODEL else "—"]
+    columns = [(m, h) for m, h in SUMMARY_COLUMNS
+               if any(m in values for values in results.overall.values())]
+    rows = [[method, KNOWS.get(method, ""),
+             *(_fmt(values.get(m), m == "excess_over_bayes") for m, _ in columns)]
             for method, values in results.overall.items()]
-    lines += _table(["", "MSE", "MSE/σ²", "ARI", "NMI", "gap closed"], rows)
+    lines += _table(["", "is told", *(h for _, h in columns)], rows)
+    notes = [f"model {name}: {_fmt(results.model[key])}" for key, name in MODEL_GAPS
+             if key in results.model]
+    if notes:
+        lines += ["", "; ".join(notes) + " (reachable gap: from tied-variance EM (0) to the "
+                  "Bayes floor (1); gap closed: from EM (0) to the unattainable oracle (1))."]
+    unconverged = results.overall.get("bayes", {}).get("unconverged")
+    if unconverged is not None:
+        lines += ["", f"Bayes floor: the Gibbs chains disagree on "
+                  f"{round(unconverged * results.num_sets)} of {results.num_sets} sets."]
     for kind, metric, heading, table_title in BREAKDOWN_TABLES:
         table = breakdown_table(results, kind, metric, heading)
         if table:

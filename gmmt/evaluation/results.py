@@ -41,13 +41,14 @@ def bin_sort_key(label: str) -> tuple[tuple[float, float], str]:
 class Results:
     """Averaged scores of one validation or evaluation bank.
 
-    ``overall`` holds every set; ``breakdowns[kind][label]`` one bin of a breakdown (bins
-    without sets are left out) and ``counts[kind][label]`` its number of sets.
+    ``overall`` holds all ``num_sets`` sets; ``breakdowns[kind][label]`` one bin of a breakdown
+    (bins without sets are left out) and ``counts[kind][label]`` its number of sets.
     """
 
     overall: Scores
     breakdowns: dict[str, dict[str, Scores]] = field(factory=dict)
     counts: dict[str, dict[str, int]] = field(factory=dict)
+    num_sets: int = 0
 
     @property
     def model(self) -> dict[str, float]:
@@ -89,6 +90,8 @@ class Results:
             out[kind] = {label: split(scores) for label, scores in bins.items()}
         if self.counts:
             out["sets_per_bin"] = self.counts
+        if self.num_sets:
+            out["num_sets"] = self.num_sets
         return out
 
     @classmethod
@@ -102,4 +105,4 @@ class Results:
         breakdowns = {kind: {label: join(g) for label, g in data[kind].items()}
                       for kind in BREAKDOWNS if kind in data}
         counts = {kind: dict(bins) for kind, bins in data.get("sets_per_bin", {}).items()}
-        return cls(join(data), breakdowns, counts)
+        return cls(join(data), breakdowns, counts, int(data.get("num_sets", 0)))

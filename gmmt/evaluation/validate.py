@@ -9,11 +9,18 @@ Groups: all sets; with ``breakdown.by_snr`` equal-width SNR bins over the data p
 with ``breakdown.by_k`` every K the prior can draw; with ``breakdown.by_separation`` bins of the
 distance between the set's two closest centres in noise stds (0-3, 3-6, 6-12, 12+).
 
-``mse_over_noise`` is the per-set MSE / sigma^2 averaged over sets. ``ari`` / ``nmi`` of the
-model score the clustering its predictions induce (each prediction's nearest true centre, see
-:func:`gmmt.evaluation.metrics.induced_clusters`); baselines are scored on their own assignments.
-``gap_closed`` is derived in :func:`summarise` from the averaged MSEs of the model, EM and the
-oracle (overall and per bin), so it needs no sum of its own.
+``mse_over_noise`` is the per-set MSE / sigma^2 averaged over sets. ``ari`` / ``nmi`` score a
+clustering: the model's own (its predictions grouped without K, :mod:`gmmt.evaluation.grouping`)
+and each baseline's assignments. ``k_accuracy`` is the share of sets whose K was found, for the
+methods that choose K (the model's grouping, ``em_bic``). ``induced_ari`` / ``induced_nmi`` (the
+model only) score the clusters the TRUE centres induce on the predictions (each prediction's
+nearest true centre): they use the truth and are not a clustering. ``unconverged`` (``bayes``
+only) is the share of sets whose Gibbs chains disagree.
+
+Derived in :func:`summarise` from averaged MSEs, per group, wherever their inputs were scored:
+``excess_over_bayes`` = MSE / MSE_bayes - 1 (every method), ``reachable_gap`` = (MSE_em_tied -
+MSE_model) / (MSE_em_tied - MSE_bayes) and ``gap_closed`` = (MSE_em - MSE_model) / (MSE_em -
+MSE_oracle) (the model).
 """
 
 import torch
@@ -21,10 +28,11 @@ from attrs import define
 from torch import nn
 
 from gmmt.config.data import DataConfig
-from gmmt.config.validation import ValidationConfig
+from gmmt.config.validation import DERIVED_METRICS, ValidationConfig
 from gmmt.data.batch import GMMBatch
 from gmmt.data.gmm import derive_seed, make_generator
-from gmmt.evaluation.baselines import run_baseline
+from gmmt.evaluation.baselines import BaselineResult, run_baseline
+from gmmt.evaluation.grouping import group_predictions
 from gmmt.evaluation.metrics import (
     adjusted_rand_index,
     centre_mse_per_set,
@@ -44,7 +52,19 @@ from gmmt.evaluation.metrics import (
 )
 from gmmt.evaluation.results import MODEL, Results, Scores
 
-DERIVED = "gap_closed"
+# Baselines that choose K themselves; the others are told it.
+CHOOSES_K = (MODEL, "em_bic")
+
+
+def _applies(method: str, metric: str) -> bool:
+    """Whether ``method`` has ``metric`` (a told-K method has no K accuracy, etc.)."""
+    if metric == "k_accuracy":
+        return method in CHOOSES_K
+    if metric in ("induced_ari", "induced_nmi"):
+        return method == MODEL
+    if metric == "unconverged":
+        return method == "bayes"
+    return True
 
 
 @define(frozen=True)
@@ -52,8 +72,9 @@ class Layout:
     """Rows and columns of the :func:`validation_sums` matrix.
 
     Row 0 is every set, then one row per breakdown bin, ``groups[i] = (kind, label)``
-    (``("all", "")`` for row 0). Column 0 counts the sets; column ``1 + i * len(metrics) + j``
-    sums metric ``metrics[j]`` of method ``methods[i]`` (``"model"``, then the baselines).
+    (``("all", "")`` for row 0). Column 0 counts the sets; column ``1 + i`` sums
+    ``columns[i] = (method, metric)``: each method (``"model"``, then the baselines) with each of
+    ``metrics`` that applies to it.
     """
 
     groups: tuple[tuple[str, str], ...]
@@ -61,12 +82,21 @@ class Layout:
     metrics: tuple[str, ...]
 
     @property
+    def columns(self) -> tuple[tuple[str, str], ...]:
+        return tuple((method, metric) for method in self.methods for metric in self.metrics
+                     if _applies(method, metric))
+
+    @property
     def shape(self) -> tuple[int, int]:
-        return len(self.groups), 1 + len(self.methods) * len(self.metrics)
+        return len(self.groups), 1 + len(self.columns)
 
     def column(self, method: str, metric: str) -> int:
         """The column that sums ``metric`` of ``method``."""
-        return 1 + self.methods.index(method) * len(self.metrics) + self.metrics.index(metric)
+        return 1 + self.columns.index((method, metric))
+
+    def method_metrics(self, method: str) -> list[str]:
+        """The summed metrics ``method`` has, in order."""
+        return [m for m in self.metrics if _applies(method, m)]
 
 
 def layout(config: ValidationConfig, data: DataConfig) -> Layout:
@@ -79,10 +109,12 @@ def layout(config: ValidationConfig, data: DataConfig) -> Layout:
         groups += [("by_k", str(k)) for k in k_values(data.cluster_params)]
     if config.breakdown.by_separation:
         groups += [("by_sep", label) for label in separation_bin_labels()]
-    # The per-set metrics that are summed, in config order (gap_closed needs the MSEs).
-    metrics = [m for m in config.metrics if m != DERIVED]
-    if DERIVED in config.metrics and "mse" not in metrics:
+    # The per-set metrics that are summed, in config order (derived ones need the MSEs).
+    metrics = [m for m in config.metrics if m not in DERIVED_METRICS]
+    if len(metrics) < len(config.metrics) and "mse" not in metrics:
         metrics.insert(0, "mse")
+    if "bayes" in config.baselines:
+        metrics.append("unconverged")
     return Layout(tuple(groups), (MODEL, *config.baselines), tuple(metrics))
 
 
@@ -109,16 +141,20 @@ def _membership(batch: GMMBatch, shape: Layout, config: ValidationConfig,
     return torch.cat(rows)
 
 
-def _scores(pred: torch.Tensor, assignments: torch.Tensor | None, batch: GMMBatch,
+def _scores(pred: torch.Tensor, result: BaselineResult | None, batch: GMMBatch,
             metrics: list[str]) -> list[torch.Tensor]:
     """Each metric of ``metrics`` for every set of ``batch``, [b] float64 each.
 
-    ``assignments`` [b, n] (None: the clusters that ``pred`` induces) feed ARI / NMI.
+    ``result`` is a baseline's answer (its assignments, K and convergence), or None for the
+    model, whose clustering is its own grouping of ``pred``.
     """
     sigma2 = batch.sigma.double().square()
-    if assignments is None and ("ari" in metrics or "nmi" in metrics):
-        assignments = induced_clusters(pred, batch.centres, batch.weights)
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    if result is None and {"ari", "nmi", "k_accuracy"} & set(metrics):
+        grouping = group_predictions(pred, batch.points, batch.mask)
+        assignments, k_hat = grouping.labels, grouping.k_hat
+    elif result is not None:
+        assignments, k_hat = result.assignments, result.k_hat
     if "mse" in metrics or "mse_over_noise" in metrics:
         mse = centre_mse_per_set(pred, batch.target, batch.mask)
         out["mse"], out["mse_over_noise"] = mse, mse / sigma2
@@ -126,6 +162,14 @@ def _scores(pred: torch.Tensor, assignments: torch.Tensor | None, batch: GMMBatc
         out["ari"] = adjusted_rand_index(batch.labels, assignments, batch.mask)
     if "nmi" in metrics:
         out["nmi"] = normalized_mutual_info(batch.labels, assignments, batch.mask)
+    if "k_accuracy" in metrics:
+        out["k_accuracy"] = (k_hat == batch.k).double()
+    if {"induced_ari", "induced_nmi"} & set(metrics):
+        induced = induced_clusters(pred, batch.centres, batch.weights)
+        out["induced_ari"] = adjusted_rand_index(batch.labels, induced, batch.mask)
+        out["induced_nmi"] = normalized_mutual_info(batch.labels, induced, batch.mask)
+    if "unconverged" in metrics:
+        out["unconverged"] = result.unconverged.double()
     if "energy" in metrics:
         out["energy"] = energy_distance(pred, batch.centres, batch.weights, batch.mask)
     if "wasserstein" in metrics:
@@ -162,7 +206,6 @@ def validation_sums(model: nn.Module, batches: list[GMMBatch], config: Validatio
             not depend on the model.
     """
     shape = layout(config, data)
-    metrics = list(shape.metrics)
     device = batches[0].points.device if batches else torch.device("cpu")
     totals = torch.zeros(shape.shape, dtype=torch.float64, device=device)
     was_training = model.training
@@ -171,13 +214,14 @@ def validation_sums(model: nn.Module, batches: list[GMMBatch], config: Validatio
         for index, batch in enumerate(batches):
             pred = model(batch.points, batch.mask, batch.snr_db)
             columns = [torch.ones(batch.num_sets, dtype=torch.float64, device=device)]
-            columns += _scores(pred, None, batch, metrics)
+            columns += _scores(pred, None, batch, shape.method_metrics(MODEL))
             for name in config.baselines:
                 scores = None if baseline_cache is None else baseline_cache.get((index, name))
                 if scores is None:
                     result = run_baseline(name, batch, config.em,
-                                          baseline_generator(generator_seed, name, index, device))
-                    scores = _scores(result.centres, result.assignments, batch, metrics)
+                                          baseline_generator(generator_seed, name, index, device),
+                                          config.bayes)
+                    scores = _scores(result.centres, result, batch, shape.method_metrics(name))
                     if baseline_cache is not None:
                         baseline_cache[(index, name)] = scores
                 columns += scores
@@ -188,41 +232,57 @@ def validation_sums(model: nn.Module, batches: list[GMMBatch], config: Validatio
     return totals
 
 
-def _with_gap_closed(scores: Scores) -> Scores:
-    """Adds the model's ``gap_closed``, right after its MSE, where the model's, EM's and the
-    oracle's MSE are all known and EM differs from the oracle."""
-    model, em, oracle = (scores.get(m, {}).get("mse") for m in (MODEL, "em", "oracle"))
-    if model is None or em is None or oracle is None or em == oracle:
-        return scores
-    values: dict[str, float] = {}
-    for metric, value in scores[MODEL].items():
-        values[metric] = value
-        if metric == "mse":
-            values[DERIVED] = float(gap_closed(model, em, oracle))
-    return {**scores, MODEL: values}
+def _ratio(top: float, bottom: float) -> float | None:
+    return top / bottom if bottom != 0 else None
+
+
+def _with_derived(scores: Scores) -> Scores:
+    """Adds the derived metrics (module docstring) where their MSEs are known: each method's
+    ``excess_over_bayes`` after its MSE, the model's ``reachable_gap`` and ``gap_closed``."""
+    mse = {method: values["mse"] for method, values in scores.items() if "mse" in values}
+    derived: dict[str, dict[str, float | None]] = {m: {} for m in scores}
+    if "bayes" in mse:
+        for method in mse:
+            if method != "bayes":
+                excess = _ratio(mse[method], mse["bayes"])
+                derived[method]["excess_over_bayes"] = None if excess is None else excess - 1
+    if MODEL in mse and {"em_tied", "bayes"} <= set(mse):
+        derived[MODEL]["reachable_gap"] = _ratio(mse["em_tied"] - mse[MODEL],
+                                                 mse["em_tied"] - mse["bayes"])
+    if MODEL in mse and {"em", "oracle"} <= set(mse) and mse["em"] != mse["oracle"]:
+        derived[MODEL]["gap_closed"] = float(gap_closed(mse[MODEL], mse["em"], mse["oracle"]))
+    out: Scores = {}
+    for method, values in scores.items():
+        out[method] = {}
+        for metric, value in values.items():
+            out[method][metric] = value
+            if metric == "mse":  # the derived metrics go right after the MSE
+                out[method].update({k: v for k, v in derived[method].items() if v is not None})
+    return out
 
 
 def summarise(sums: torch.Tensor, shape: Layout) -> Results:
     """Means per set of a :func:`validation_sums` matrix (after any cross-process sum).
 
     Every metric is divided by its own group's set count; groups without sets are left out.
-    Adds the derived ``gap_closed`` (see :func:`_with_gap_closed`) in every group.
+    Adds the derived metrics (see :func:`_with_derived`) in every group.
     """
     rows = sums.detach().double().cpu().tolist()
     overall: Scores = {}
     breakdowns: dict[str, dict[str, Scores]] = {}
     counts: dict[str, dict[str, int]] = {}
+    num_sets = 0
     for (kind, label), row in zip(shape.groups, rows, strict=True):
         count = row[0]
         if count <= 0:
             continue
-        scores = _with_gap_closed({
+        scores = _with_derived({
             method: {metric: row[shape.column(method, metric)] / count
-                     for metric in shape.metrics}
+                     for metric in shape.method_metrics(method)}
             for method in shape.methods})
         if kind == "all":
-            overall = scores
+            overall, num_sets = scores, round(count)
         else:
             breakdowns.setdefault(kind, {})[label] = scores
             counts.setdefault(kind, {})[label] = round(count)
-    return Results(overall, breakdowns, counts)
+    return Results(overall, breakdowns, counts, num_sets)
