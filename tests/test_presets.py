@@ -64,7 +64,8 @@ def test_preset_sizes_match_the_design() -> None:
     assert (high.data.sample_count_distribution.min, high.data.sample_count_distribution.max) \
         == (1500, 5000)
     assert high.device.mixed_precision == "bf16" and high.training.ema.enabled
-    assert high.validation.baselines == ["identity", "oracle", "em", "kmeans"]
+    assert high.validation.baselines == ["identity", "oracle", "bayes", "em_tied", "em",
+                                         "em_bic", "kmeans"]
     assert quick.validation.baselines == [] and not quick.validation.visualization.enabled
 
 

@@ -31,8 +31,8 @@ class BayesConfig:
                               "convergence check)", positive)
     burn_in: int = setting(100, "sweeps discarded at the start of each chain", non_negative)
     num_samples: int = setting(200, "sweeps kept per chain", positive)
-    tolerance: float = setting(0.01, "a set is unconverged when its chains' estimates differ by "
-                               "more than this (mean squared, in units of sigma^2)", positive)
+    tolerance: float = setting(0.005, "a set is unconverged when its chains' estimates differ "
+                               "by more than this (mean squared, in units of sigma^2)", positive)
 
 
 @config_class
