@@ -239,3 +239,21 @@ def test_markdown_report_shows_the_floor_and_what_each_method_is_told() -> None:
     assert "| em_bic | K ≤ K_max; chooses K | 0.00112 | +6.7 % | 0.95 |" in text
     assert "model reachable gap: 0.4" in text
     assert "the Gibbs chains disagree on 2 of 8 sets" in text
+
+
+def test_floor_gaps_are_derived_from_the_averaged_errors() -> None:
+    shape = Layout((("all", ""), ("by_k", "2"), ("by_k", "3")),
+                   ("model", "bayes", "em_tied", "oracle"), ("mse",))
+    # counts, then the MSE sums of model, bayes, em_tied, oracle; the K = 3 bin has no sets.
+    sums = torch.tensor([[4.0, 4 * 1.10, 4 * 1.00, 4 * 1.20, 4 * 0.7],
+                         [4.0, 4 * 1.10, 4 * 1.00, 4 * 1.20, 4 * 0.7],
+                         [0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    results = summarise(sums, shape)
+    model = results.model
+    assert list(model) == ["mse", "excess_over_bayes", "reachable_gap"]  # no EM: no gap_closed
+    assert model["excess_over_bayes"] == pytest.approx(0.10)
+    assert model["reachable_gap"] == pytest.approx((1.20 - 1.10) / (1.20 - 1.00))
+    assert results.overall["em_tied"]["excess_over_bayes"] == pytest.approx(0.20)
+    assert results.overall["oracle"]["excess_over_bayes"] == pytest.approx(-0.30)
+    assert "excess_over_bayes" not in results.overall["bayes"]
+    assert results.breakdowns["by_k"] == {"2": results.overall}  # K = 3 had no sets
