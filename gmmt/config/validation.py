@@ -16,9 +16,14 @@ PlotName = Literal["sample_grid", "training_curves", "error_vs_snr"]
 
 @config_class
 class EMConfig:
-    """The EM baseline (true K, spherical covariances, k-means++ initialisation)."""
+    """The EM baselines (spherical covariances, k-means++ initialisation) and k-means."""
 
-    n_init: int = setting(3, "restarts; the best log-likelihood wins", positive)
+    n_init: int = setting(3, "restarts of em and kmeans; the best log-likelihood (inertia) "
+                          "wins", positive)
+    tied_n_init: int = setting(
+        10, "restarts of em_tied and em_bic: the tied model's likelihood keeps picking better "
+        "fits up to about 10 (the per-component model's picks degenerate ones instead)",
+        positive)
     max_iter: int = setting(100, "iterations per restart", positive)
     tol: float = setting(1e-6, "stop when the mean log-likelihood gains less", positive)
 

@@ -538,7 +538,7 @@ def run_baseline(name: str, batch: GMMBatch, em: EMConfig, generator: torch.Gene
                  bayes: BayesConfig | None = None) -> BaselineResult:
     """The answer of baseline ``name`` (one of :data:`BASELINES`) for every point of ``batch``.
 
-    ``em`` gives n_init / max_iter / tol (k-means uses the same n_init and max_iter);
+    ``em`` gives n_init (em, kmeans), tied_n_init (em_tied, em_bic), max_iter and tol;
     ``generator`` (on the batch's device) seeds k-means++ and the Gibbs sampler; ``bayes``
     configures the sampler (default: :class:`BayesConfig`'s defaults). ``em_bic`` tries
     K = 1..K_max, K_max the batch's largest possible K (its padded component count).
@@ -548,13 +548,17 @@ def run_baseline(name: str, batch: GMMBatch, em: EMConfig, generator: torch.Gene
     if name == "oracle":
         return oracle_posterior_mean(batch.points, batch.centres, batch.weights, batch.sigma,
                                      batch.mask)
-    if name in ("em", "em_tied"):
+    if name == "em":
         return fit_em(batch.points, batch.k, batch.mask, n_init=em.n_init,
+                      max_iter=em.max_iter, tol=em.tol, generator=generator).result(batch.mask)
+    if name == "em_tied":
+        return fit_em(batch.points, batch.k, batch.mask, n_init=em.tied_n_init,
                       max_iter=em.max_iter, tol=em.tol, generator=generator,
-                      tied=name == "em_tied").result(batch.mask)
+                      tied=True).result(batch.mask)
     if name == "em_bic":
-        return fit_em_bic(batch.points, batch.centres.shape[1], batch.mask, n_init=em.n_init,
-                          max_iter=em.max_iter, tol=em.tol, generator=generator)
+        return fit_em_bic(batch.points, batch.centres.shape[1], batch.mask,
+                          n_init=em.tied_n_init, max_iter=em.max_iter, tol=em.tol,
+                          generator=generator)
     if name == "kmeans":
         return fit_kmeans(batch.points, batch.k, batch.mask, n_init=em.n_init,
                           max_iter=em.max_iter, generator=generator).result(batch.mask)
