@@ -112,3 +112,23 @@ def test_help_explains_layers() -> None:
     assert result.returncode == 0
     for text in ("--preset", "--set", "--config-dir", "--resume", "--schema", "layers"):
         assert text in result.stdout
+
+
+@pytest.mark.parametrize(("body", "extra", "expected"), [
+    ({"metadata": 5}, [], "expected an object (MetadataConfig), got int 5 @ $.metadata"),
+    ({"metadata": [1]}, [], "expected an object (MetadataConfig), got list [1] @ $.metadata"),
+    ({"paths": "runs"}, [], "expected an object (PathsConfig), got str 'runs' @ $.paths"),
+    # a later layer's object must not paper over the file's mistake
+    ({"model": 5}, ["--set", "model.hidden_dim=64"],
+     "expected an object (ModelConfig), got int 5 @ $.model"),
+    ({"device": True}, ["--seed", "3"], "expected an object (DeviceConfig), got bool True"),
+])
+def test_section_of_wrong_type_in_config_file_fails(body: dict, extra: list[str], expected: str,
+                                                    tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    file = tmp_path / "run.json"
+    file.write_text(json.dumps(body))
+    for preset in ([], ["--preset", "quick_test"]):  # file alone, and over a preset
+        assert main(["--config", str(file), *preset, *extra, "--print-config"]) == 2
+        captured = capsys.readouterr()
+        assert expected in captured.err and captured.out == ""

@@ -112,6 +112,10 @@ class PresetStore:
             raise ConfigError([f"{kind} preset {name!r} extends itself: "
                                f"{' -> '.join((*chain, key))}"], "preset cycle")
         body = {k: v for k, v in entry.body.items() if k not in META_KEYS}
+        if kind in COMPONENTS:
+            # Data-parameter names ("few") become dicts before a child merges over its parent:
+            # a partial dict over a name would otherwise be dropped (see deep_merge).
+            body = self.resolve_data_params({kind: body})[kind]
         parent = entry.body.get("extends")
         if parent is None:
             return body
