@@ -132,3 +132,12 @@ def test_section_of_wrong_type_in_config_file_fails(body: dict, extra: list[str]
         assert main(["--config", str(file), *preset, *extra, "--print-config"]) == 2
         captured = capsys.readouterr()
         assert expected in captured.err and captured.out == ""
+
+
+def test_section_of_wrong_type_in_set_fails(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--set", "metadata=5", "--print-config"]) == 2
+    assert ("--set metadata=5: expected an object (MetadataConfig), got int 5 @ $.metadata"
+            in capsys.readouterr().err)
+    # a leaf given an object is still the leaf's own type error
+    assert main(["--set", "metadata.exp_name={}", "--print-config"]) == 2
+    assert "expected str, got dict {} @ $.metadata.exp_name" in capsys.readouterr().err

@@ -11,11 +11,9 @@ from gmmt.config.fields import ConfigError
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     """A new dict: ``overlay`` over ``base``; nested dicts merge, everything else replaces.
 
-    One exception: an object laid over a value that is neither an object nor null keeps that
-    value. No config field accepts both an object and a scalar, so the value underneath is
-    wrong (``"metadata": 5`` in a config file); replacing it by a later layer's object (the
-    provenance record every run adds to ``metadata``, or a ``--set model.x=...``) would hide
-    the mistake, while keeping it lets strict structuring report it at its path.
+    A later object replaces whatever non-object lies below it, so a section of the wrong type
+    (``"metadata": 5``) must be caught in its own layer (``presets.section_problems``) before
+    merging, or the provenance record every run adds to ``metadata`` would hide it.
     """
     out = copy.deepcopy(base)
     for key, value in overlay.items():
@@ -25,8 +23,6 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
         typed_replace = key in DISTRIBUTION_FIELDS and isinstance(value, dict) and "type" in value
         if isinstance(old, dict) and isinstance(value, dict) and not typed_replace:
             out[key] = deep_merge(old, value)
-        elif isinstance(value, dict) and old is not None and not isinstance(old, dict):
-            continue  # the wrong value stays for structuring to report (see above)
         else:
             out[key] = copy.deepcopy(value)
     return out

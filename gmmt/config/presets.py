@@ -21,12 +21,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 from attrs import define
 
 from gmmt.config.converter import load_json, structure, unstructure
-from gmmt.config.data import DISTRIBUTION_FIELDS
+from gmmt.config.data import DISTRIBUTION_FIELDS, DistributionSpec
 from gmmt.config.experiment import ExperimentConfig
-from gmmt.config.fields import ConfigError, close_matches
+from gmmt.config.fields import ConfigError, close_matches, describe_value, type_shape
 from gmmt.config.overrides import assignment_layer, deep_merge, nested
 
 PACKAGED_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -168,6 +169,37 @@ class PresetStore:
         return out
 
 
+def section_problems(layer: Any, cls: type = ExperimentConfig, path: str = "$") -> list[str]:
+    """Sections of one layer that should be objects and are not (``"metadata": 5``).
+
+    Checked per layer because merging cannot: a later layer's object (every run's provenance
+    record in ``metadata``, a ``--set model.x=...``) replaces the wrong value below it, which
+    would then never reach strict structuring. Keys the class lacks are left to structuring.
+    """
+    if not isinstance(layer, dict):
+        return []
+    types = {f.name: f.type for f in attrs.fields(cls)}
+    out = []
+    for key, value in layer.items():
+        tp = types.get(key)
+        if tp is None or type_shape(tp)[0] != "class":
+            continue
+        sub = f"{path}.{key}"
+        if isinstance(value, dict):
+            out.extend(section_problems(value, tp, sub))
+        elif not (tp is DistributionSpec and isinstance(value, str)):  # a preset name
+            out.append(f"expected an object ({tp.__name__}), got {describe_value(value)} @ {sub}")
+    return out
+
+
+def _checked(layer: dict[str, Any], source: str = "") -> dict[str, Any]:
+    """``layer`` itself, after :func:`section_problems` found nothing (else ConfigError)."""
+    problems = section_problems(layer)
+    if problems:
+        raise ConfigError([f"{source}: {p}" if source else p for p in problems])
+    return layer
+
+
 @define
 class Resolved:
     """A resolved config and how it was made (for printing, saving and diffs)."""
@@ -218,8 +250,9 @@ def resolve_config(
             out = deep_merge(layered, meta)
             for component, name in names.items():
                 body = store.resolve_data_params({component: store.resolve(component, name)})
-                out = deep_merge(out, body)
-            return deep_merge(out, store.resolve_data_params(experiment.get("overrides", {})))
+                out = deep_merge(out, _checked(body, f"{component} preset {name!r}"))
+            overrides = store.resolve_data_params(experiment.get("overrides", {}))
+            return deep_merge(out, _checked(overrides, f"experiment preset {preset_name!r}"))
 
         bare = build({c: experiment[c] for c in COMPONENTS})
         layered = build(components)
@@ -227,7 +260,7 @@ def resolve_config(
         file_layer = load_json(Path(config_file))
         if not isinstance(file_layer, dict):
             raise ConfigError([f"{config_file}: expected a JSON object"], "bad config file")
-        layered = deep_merge(layered, store.resolve_data_params(file_layer))
+        layered = deep_merge(layered, _checked(store.resolve_data_params(file_layer)))
 
     applied: list[str] = []
     flag_sets = []
@@ -245,7 +278,8 @@ def resolve_config(
         layered = deep_merge(layered, {"device": {"seed": seed}})
         applied.append(f"device.seed={seed}")
     for expr in overrides:
-        layered = deep_merge(layered, store.resolve_data_params(assignment_layer(expr)))
+        layered = deep_merge(layered, _checked(store.resolve_data_params(assignment_layer(expr)),
+                                               f"--set {expr}"))
         applied.append(expr)
 
     meta_record: dict[str, Any] = {"overrides": applied}
