@@ -64,6 +64,14 @@ def _kind(tp: Any) -> str:
     return type_shape(tp)[0]
 
 
+_SCALAR_KINDS = ("bool", "int", "float", "str", "literal")
+
+
+def _scalar_union(tp: Any) -> bool:
+    kind, args = type_shape(tp)
+    return kind == "union" and all(_kind(a) in _SCALAR_KINDS for a in args)
+
+
 def _make_converter() -> Converter:
     conv = Converter(forbid_extra_keys=True, detailed_validation=True)
 
@@ -93,6 +101,9 @@ def _make_converter() -> Converter:
     for tp in (type(None), int, float, str, bool):  # by type: a factory loses to cattrs hooks
         conv.register_structure_hook(tp, _leaf_hook(tp))
     conv.register_structure_hook_factory(lambda t: _kind(t) == "literal", _leaf_hook)
+    # Unions of scalars and literals without null (``Literal["no", "bf16"] | bool``) have no
+    # cattrs hook; optional fields (``X | None``) keep cattrs' own handling and its messages.
+    conv.register_structure_hook_factory(_scalar_union, _leaf_hook)
     conv.register_structure_hook_factory(lambda t: _kind(t) in CONTAINERS, container_hook)
     conv.register_structure_hook_factory(attrs.has, lambda cls: _attrs_hook(conv, cls))
 

@@ -50,10 +50,49 @@ class DeviceConfig:
         "auto", "auto defers to the launcher (accelerate) and picks a GPU when there is one")
     gpu_id: int | None = setting(None, "GPU index for a single-process run (null: launcher's)",
                                  non_negative)
-    mixed_precision: Literal["no", "bf16", "fp16"] = setting(
-        "no", "autocast precision; fp16 (with loss scaling) needs a GPU")
+    mixed_precision: Literal["no", "bf16", "fp16"] | bool = setting(
+        "no", "autocast precision; fp16 (with loss scaling) needs a GPU; true picks bf16 where "
+        "the device has it, else fp16 on CUDA (saved resolved); false is 'no'")
     seed: int = setting(42, "seed of everything: data streams, initialisation", non_negative)
     deterministic: bool = setting(False, "ask torch for deterministic kernels (slower on GPU)")
+
+
+Precision = Literal["no", "bf16", "fp16"]
+
+
+def resolve_mixed_precision(device: DeviceConfig) -> Precision:
+    """The precision string ``device.mixed_precision`` stands for on this machine.
+
+    ``false`` is ``"no"``. ``true`` ("mixed precision, whichever this hardware does well") is
+    bf16 on a GPU with bf16 and on a TPU, fp16 (with loss scaling) on an older CUDA GPU, bf16 on
+    a CPU with native bf16 instructions, and ``"no"`` elsewhere: emulated bf16 on a CPU is
+    slower than float32, and MPS autocast support depends on the macOS version. ``auto`` is
+    judged as the launcher will place it (a GPU when one is visible). Strings pass unchanged.
+    """
+    value = device.mixed_precision
+    if isinstance(value, str):
+        return value  # type: ignore[return-value]
+    if not value:
+        return "no"
+    import torch
+
+    where = device.device
+    if where == "auto":
+        where = ("cuda" if torch.cuda.is_available()
+                 else "mps" if torch.backends.mps.is_available() else "cpu")
+    if where == "tpu":
+        return "bf16"
+    if where == "cuda":
+        if not torch.cuda.is_available():
+            return "no"  # the run stops anyway: no GPU for device 'cuda'
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if where == "cpu":
+        try:
+            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            native = False
+        return "bf16" if native else "no"
+    return "no"
 
 
 @config_class

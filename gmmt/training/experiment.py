@@ -23,7 +23,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from gmmt.config.converter import unstructure
-from gmmt.config.experiment import ExperimentConfig
+from gmmt.config.experiment import ExperimentConfig, resolve_mixed_precision
 from gmmt.config.fields import ConfigError
 from gmmt.config.overrides import format_diff
 from gmmt.data.batch import GMMBatch
@@ -103,6 +103,9 @@ class ExperimentManager:
                  stop_after_steps: int | None = None,
                  loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
         config.validate()
+        # A boolean mixed_precision becomes the string it means here, so that Accelerate, the
+        # saved config.json and a resume's comparison all see what actually ran.
+        config.device.mixed_precision = resolve_mixed_precision(config.device)
         self.config = config
         self.resume = resume
         self.stop_after_steps = stop_after_steps
