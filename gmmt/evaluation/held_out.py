@@ -11,6 +11,8 @@ validation bank used for early stopping and best/ (stream ``"validation"``), so 
 not biased by model selection.
 """
 
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
@@ -44,6 +46,9 @@ ALL_BASELINES: tuple[str, ...] = get_args(BaselineName)
 ALL_PLOTS = list(PLOT_FILES)
 # What an evaluation without a data preset is filed under: the run's own data prior.
 OWN_DATA = "training_data"
+# Without a terminal (nohup, CI, a batch job) tqdm hides itself; a line is printed instead after
+# the first batch, then at most every this many seconds, and after the last.
+PROGRESS_EVERY_S = 30.0
 
 
 class EvaluationError(Exception):
@@ -124,15 +129,27 @@ def score_held_out(model: torch.nn.Module, data: DataConfig, config: ValidationC
     totals = torch.zeros(shape.shape, dtype=torch.float64)
     starts = range(0, config.num_sets, config.batch_size)
     first = None
-    # disable=None lets tqdm hide itself when stderr is not a terminal (e.g. a log file).
-    show = None if progress else True
-    for i, start in enumerate(tqdm(starts, desc="evaluating", unit="batch", disable=show,
-                                   dynamic_ncols=True)):
+    # A bar on a terminal; plain lines on stderr otherwise (tqdm would print nothing there).
+    lines = progress and not sys.stderr.isatty()
+    if lines:
+        print(f"evaluating {config.num_sets} sets in {len(starts)} batches on {device}: the "
+              f"model and {', '.join(config.baselines) or 'no baselines'}", file=sys.stderr,
+              flush=True)
+    t0 = last = time.time()
+    for i, start in enumerate(tqdm(starts, desc="evaluating", unit="batch",
+                                   disable=not progress or lines, dynamic_ncols=True)):
         size = min(config.batch_size, config.num_sets - start)
         batch = sampler.batch(i, size, rank=0, stream=EVALUATION_STREAM)
         first = batch if first is None else first
         totals += validation_sums(model, [batch], config, data,
                                   derive_seed(seed, EVALUATION_STREAM + "-baselines", 0, i)).cpu()
+        now = time.time()
+        if lines and (i == 0 or i + 1 == len(starts) or now - last >= PROGRESS_EVERY_S):
+            last = now
+            eta = (now - t0) / (i + 1) * (len(starts) - i - 1)
+            print(f"evaluating: batch {i + 1}/{len(starts)} ({100 * (i + 1) // len(starts)}%), "
+                  f"{now - t0:.0f} s elapsed, about {eta:.0f} s left", file=sys.stderr,
+                  flush=True)
     assert first is not None  # num_sets >= 1 (ValidationConfig)
     return summarise(totals, shape), first
 

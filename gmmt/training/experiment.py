@@ -43,7 +43,15 @@ from gmmt.training.setup import (
     make_run_dir,
     resume_changes,
 )
-from gmmt.training.tracking import Trackers, setup_logging, tracker_problems
+from gmmt.training.tracking import (
+    Trackers,
+    banner,
+    final_line,
+    progress_line,
+    setup_logging,
+    tracker_problems,
+    validation_line,
+)
 
 __all__ = ["LOCKED_ON_RESUME", "ExperimentManager", "TrainingDiverged", "build_accelerator"]
 
@@ -134,8 +142,8 @@ class ExperimentManager:
         setup_logging(run_dir, cfg, acc.is_main_process)
         if acc.is_main_process:
             cfg.save(run_dir / "config.json")
-            log.info("run folder: %s", run_dir)
-            log.info("resolved config:\n%s", json.dumps(cfg.to_dict(), indent=2))
+            # The console gets a short banner once the model is built; train.log keeps all.
+            log.debug("resolved config:\n%s", json.dumps(cfg.to_dict(), indent=2))
             if checkpoint is not None:
                 log.info("resuming from %s; changes against the run's config:\n%s",
                          checkpoint, format_diff(changes or []))
@@ -162,8 +170,10 @@ class ExperimentManager:
         # (3) model, (4) optimizer, schedule, EMA.
         raw_model = build_model(cfg.model, cfg.data.dim).to(acc.device)
         num_params = count_parameters(raw_model)
-        log.info("model: %s parameters, effective depth %d", f"{num_params:,}",
-                 cfg.model.transformer.effective_depth)
+        if acc.is_main_process:
+            log.info("%s", banner(cfg, run_dir, device=str(acc.device),
+                                  processes=acc.num_processes, num_params=num_params,
+                                  resumed_from=checkpoint))
         optimizer = build_optimizer(raw_model, cfg.training.optimizer)
         scheduler = build_scheduler(optimizer, cfg.training.scheduler, cfg.training.total_steps)
         ema = WeightEMA(raw_model, cfg.training.ema.decay) if cfg.training.ema.enabled else None
@@ -194,7 +204,8 @@ class ExperimentManager:
         summary["train_time_s"] = round(time.time() - start, 3)
         if main:
             write_json_atomic(run_dir / "summary.json", summary)
-            log.info("summary: %s", json.dumps(summary))
+            log.debug("summary: %s", json.dumps(summary))
+            log.info("%s", final_line(summary))
         acc.wait_for_everyone()
         return summary
 
@@ -208,8 +219,9 @@ class ExperimentManager:
         total = cfg.training.total_steps
         bar = tqdm(total=total, initial=state["step"], desc=s.run_dir.name, dynamic_ncols=True,
                    disable=not (s.main and cfg.logging.progress_bar) or None)
+        # t0/step0 (never reset) give the ETA of the progress lines.
         window = {"loss": torch.zeros((), device=acc.device), "points": 0, "steps": 0,
-                  "start": time.time()}
+                  "start": time.time(), "t0": time.time(), "step0": state["step"]}
         stopped_by = None
         while state["step"] < total:
             grad_norm = self._train_step(s, window)
@@ -313,6 +325,12 @@ class ExperimentManager:
         s.trackers.log(scalars, step)
         bar.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{scalars['train/lr']:.2e}",
                         pts_s=f"{scalars['train/points_per_s']:.3g}")
+        if s.main and bar.disable:  # no bar (no terminal, or logging.progress_bar off): a line
+            total = s.cfg.training.total_steps
+            done = step - window["step0"]
+            eta = ((time.time() - window["t0"]) / done * (total - step)) if done else None
+            log.info("%s", progress_line(step, total, mean_loss, scalars["train/lr"],
+                                         scalars["train/points_per_s"], eta))
         log.debug("step %d %s", step, scalars)
         window["loss"].zero_()
         window.update(points=0, steps=0, start=time.time())
@@ -381,8 +399,7 @@ class ExperimentManager:
             sums = acc.reduce(sums, "sum")
         results = summarise(sums, layout(cfg.validation, cfg.data))
         s.trackers.log({f"val/{k}": v for k, v in results.flat().items()}, step)
-        log.info("step %d validation: %s", step, ", ".join(
-            f"{k}={v:.5g}" for k, v in Results(results.overall).flat().items()))
+        log.info("%s", validation_line(step, results))  # every key: metrics.jsonl
 
         es = cfg.training.early_stopping
         if es.metric not in results.model:

@@ -13,8 +13,144 @@ import time
 from pathlib import Path
 
 from gmmt.config.experiment import ExperimentConfig
+from gmmt.evaluation.results import MODEL, Results
 
 log = logging.getLogger("gmmt")
+
+# Told more than the model (oracle: the truth; bayes: K, sigma and the prior) or nothing at all
+# (identity): the model is compared with the best of the other baselines, its peers.
+_NOT_PEERS = ("identity", "oracle", "bayes")
+# Derived gaps, shown when validation computed them (gmmt.evaluation.validate).
+_GAPS = ("excess_over_bayes", "reachable_gap", "gap_closed")
+_MAX_DIFF_LINES = 12
+
+
+def format_duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3.4 h``, ``2.1 days``: a rough size, for projections and ETAs."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def preset_changes(config: ExperimentConfig) -> list[str] | None:
+    """``path: old -> new`` lines of ``config`` against its bare experiment preset.
+
+    The preset is rebuilt from the packaged and ``GMMT_CONFIG_PATH`` folders; ``None`` when it
+    cannot be (no preset recorded, or one from a ``--config-dir`` folder), so the caller falls
+    back to the recorded overrides.
+    """
+    from gmmt.config.fields import ConfigError
+    from gmmt.config.overrides import diff
+    from gmmt.config.presets import resolve_config
+
+    if config.metadata.preset is None:
+        return None
+    try:
+        bare = resolve_config(config.metadata.preset, environ={
+            k: v for k, v in os.environ.items() if k != "DEVICE"}).bare
+    except ConfigError:
+        return None
+    from gmmt.config.data import DISTRIBUTION_FIELDS
+
+    new = config.to_dict()
+    lines: list[str] = []
+    for path, old_value, new_value in diff(bare, new):
+        if path.startswith("metadata."):
+            continue
+        keys = path.split(".")
+        # A distribution is one setting: one line with both dicts, not one per parameter.
+        cut = next((i + 1 for i, k in enumerate(keys[:-1]) if k in DISTRIBUTION_FIELDS), None)
+        if cut is not None:
+            path = ".".join(keys[:cut])
+            old_value, new_value = _get(bare, keys[:cut]), _get(new, keys[:cut])
+        line = f"{path}: {json.dumps(old_value)} -> {json.dumps(new_value)}"
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def _get(tree: dict, keys: list[str]) -> object:
+    for key in keys:
+        tree = tree.get(key, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def banner(config: ExperimentConfig, run_dir: Path, *, device: str, processes: int,
+           num_params: int, resumed_from: Path | None = None) -> str:
+    """What a run is, in a dozen lines, instead of the whole resolved config (config.json has
+    it, and ``--print-config`` prints it)."""
+    meta = config.metadata
+    components = ", ".join(f"{k}={v}" for k, v in meta.component_presets.items())
+    experiment = meta.preset or "(config file)"
+    lines = [f"experiment  {experiment}" + (f" ({components})" if components else "")]
+    changes = preset_changes(config)
+    if changes is None:
+        lines.append("overrides   " + (", ".join(meta.overrides) or "(none)"))
+    else:
+        shown = changes[:_MAX_DIFF_LINES]
+        lines.append(f"changes     {len(changes)} against preset {experiment!r}"
+                     + (":" if changes else ""))
+        lines += [f"  {c}" for c in shown]
+        if len(changes) > len(shown):
+            lines.append(f"  ... {len(changes) - len(shown)} more (config.json has everything)")
+    t = config.training
+    lines += [
+        f"run folder  {run_dir}" + (f" (resuming {resumed_from.name})" if resumed_from else ""),
+        f"device      {device}, {processes} process{'es' if processes > 1 else ''}, "
+        f"precision {config.device.mixed_precision}",
+        f"model       {num_params:,} parameters, effective depth "
+        f"{config.model.transformer.effective_depth}",
+        f"training    {t.total_steps:,} steps of {t.batch_size} sets"
+        + (f" x {t.gradient_accumulation_steps}" if t.gradient_accumulation_steps > 1 else "")
+        + f", validation every {config.validation.every_n_steps or '(end only)'} steps",
+        "full config config.json in the run folder (or --print-config)",
+    ]
+    return "\n".join(["gmmt run " + run_dir.name, *(f"  {line}" for line in lines)])
+
+
+def progress_line(step: int, total: int, loss: float, lr: float, points_per_s: float,
+                  eta_s: float | None) -> str:
+    """One line of progress for logs without a terminal (nohup, CI, SLURM), where the
+    progress bar hides itself."""
+    eta = "" if eta_s is None else f", ETA {format_duration(eta_s)}"
+    return (f"step {step}/{total} ({100 * step / total:.0f}%): loss {loss:.4g}, lr {lr:.2e}, "
+            f"{points_per_s:,.0f} points/s{eta}")
+
+
+def final_line(summary: dict) -> str:
+    """The run's last console line: how long it took and how the model compares."""
+    took = format_duration(summary.get("train_time_s", 0.0))
+    head = f"done in {took}: {summary.get('steps', 0)}/{summary.get('total_steps', 0)} steps"
+    if "model" not in summary:  # stopped early: no final validation
+        return f"{head}; summary.json in {summary.get('run_dir')}"
+    compared = validation_line(summary["steps"], Results.from_json(summary)).split(": ", 1)[1]
+    return f"{head}; {compared}; summary.json in {summary.get('run_dir')}"
+
+
+def validation_line(step: int, results: Results) -> str:
+    """The model's MSE, MSE/sigma^2 and how it compares with the baselines present; the full
+    flat keys go to metrics.jsonl only."""
+    model = results.model
+    parts = [f"model mse {model.get('mse', float('nan')):.5g}"]
+    if "mse_over_noise" in model:
+        parts[0] += f" (mse/σ² {model['mse_over_noise']:.4g})"
+    others = {name: m["mse"] for name, m in results.overall.items()
+              if name != MODEL and "mse" in m}
+    if others:
+        parts.append("baselines mse: " + ", ".join(f"{n} {v:.5g}" for n, v in others.items()))
+    peers = {n: v for n, v in others.items() if n not in _NOT_PEERS}
+    if peers and "mse" in model:
+        best = min(peers, key=peers.__getitem__)
+        if peers[best] > 0:
+            parts.append(f"model/{best} {model['mse'] / peers[best]:.3f}")
+    gaps = [f"{g} {model[g]:.3g}" for g in _GAPS if model.get(g) is not None]
+    if gaps:
+        parts.append(", ".join(gaps))
+    return f"step {step} validation: " + "; ".join(parts)
 
 
 def tracker_problems(config: ExperimentConfig) -> list[str]:
