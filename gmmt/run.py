@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "run/checkpoint folder")
     r.add_argument("--stop-after-steps", type=int, metavar="N",
                    help="stop with a checkpoint after N optimizer steps (schedule unchanged)")
+    r.add_argument("--allow-inexact-resume", action="store_true",
+                   help="resume a checkpoint written by another number of processes (refused "
+                        "otherwise: the continuation is no longer bit-exact)")
     r.add_argument("--dry-run", action="store_true",
                    help="resolve and check the config, build the model, then exit")
     i = p.add_argument_group("information (print and exit)")
@@ -143,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gmmt.training.experiment import ExperimentManager, TrainingDiverged
 
         manager = ExperimentManager(resolved.config, resume=args.resume,
-                                    stop_after_steps=args.stop_after_steps)
+                                    stop_after_steps=args.stop_after_steps,
+                                    allow_inexact_resume=args.allow_inexact_resume)
         summary = manager.run()
     except ConfigError as err:
         print(f"gmmt: {err}", file=sys.stderr)

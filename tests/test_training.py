@@ -51,8 +51,10 @@ def test_run_writes_the_run_folder(tmp_path: Path) -> None:
                  "final/config.json", "plots"):
         assert (run / name).exists(), name
     assert [s for s, _ in step_checkpoints(run)] == [1, 2, 3, 4]
-    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json",
-            "config.json"} <= {p.name for p in latest_checkpoint(run).iterdir()}
+    files = {p.name for p in latest_checkpoint(run).iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.safetensors",
+            "trainer_state.json", "config.json", "manifest.json"} <= files
+    assert not any(name.endswith(".pkl") for name in files)  # nothing to unpickle on resume
     assert ExperimentConfig.load(latest_checkpoint(run) / "config.json") == small_config(tmp_path)
     assert json.loads((run / "summary.json").read_text()) == summary
     assert summary["steps"] == 4 and summary["model"]["mse"] > 0
@@ -301,7 +303,7 @@ def test_two_cpu_processes_under_accelerate_launch(tmp_path: Path) -> None:
     assert [s for s, _ in logged(run, "val/mse")] == [2, 4]
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1
     assert {p.name for p in latest_checkpoint(run).iterdir()} >= {
-        "random_states_0.pkl", "random_states_1.pkl", "model.safetensors"}
+        "random_states_0.safetensors", "random_states_1.safetensors", "model.safetensors"}
     # The schedule counts optimizer steps, not steps times processes.
     lr = dict(logged(run, "train/lr"))
     assert lr[1] == pytest.approx(cfg.training.optimizer.lr * lr_factor(

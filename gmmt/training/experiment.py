@@ -6,8 +6,12 @@ function of (seed, stream, rank, step), so a resumed run needs no loader state.
 """
 
 import copy
+import errno
 import json
 import logging
+import math
+import pickle
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -32,8 +36,24 @@ from gmmt.evaluation.report import draw_plots
 from gmmt.evaluation.results import Results
 from gmmt.evaluation.validate import layout, summarise, validation_sums
 from gmmt.model.build import build_model, count_parameters
-from gmmt.saved_model import export_model, write_json_atomic
-from gmmt.training.checkpoint import TRAINER_STATE, finish_checkpoint, temporary_checkpoint_dir
+from gmmt.saved_model import (
+    DamagedFileError,
+    RunFileError,
+    export_model,
+    first_line,
+    write_json_atomic,
+)
+from gmmt.training.checkpoint import (
+    checkpoint_ranks,
+    finish_checkpoint,
+    load_ema,
+    load_rank_state,
+    process_count_problem,
+    read_trainer_state,
+    save_rank_state,
+    step_checkpoints,
+    temporary_checkpoint_dir,
+)
 from gmmt.training.losses import compute_loss
 from gmmt.training.optim import WeightEMA, build_optimizer, build_scheduler
 from gmmt.training.setup import (
@@ -66,7 +86,14 @@ def initial_state() -> dict[str, Any]:
     """Trainer state saved with every checkpoint (JSON)."""
     return {"step": 0, "epoch": 0, "best_metric": None, "best_step": None,
             "evals_without_improvement": 0, "nonfinite_in_a_row": 0, "skipped_steps": 0,
-            "wandb_run_id": None}
+            "wandb_run_id": None, "train_time_s": 0.0, "finished": None}
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer is finite (one host sync)."""
+    flags = [torch.isfinite(v).all() for v in model.state_dict().values()
+             if v.dtype.is_floating_point]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 @dataclass
@@ -105,12 +132,16 @@ class ExperimentManager:
             without changing the schedule (for time-boxed jobs and tests).
         loss_hook: ``f(step, loss) -> loss`` applied to every micro-batch loss (tests inject
             NaN through it).
+        allow_inexact_resume: continue a checkpoint written by another number of processes
+            (with a warning that the continuation is no longer bit-exact) instead of refusing.
     """
 
     def __init__(self, config: ExperimentConfig, resume: str | Path | None = None,
                  stop_after_steps: int | None = None,
-                 loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
+                 loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                 allow_inexact_resume: bool = False) -> None:
         config.validate()
+        self.allow_inexact_resume = allow_inexact_resume
         # A boolean mixed_precision becomes the string it means here, so that Accelerate, the
         # saved config.json and a resume's comparison all see what actually ran.
         config.device.mixed_precision = resolve_mixed_precision(config.device)
@@ -120,6 +151,7 @@ class ExperimentManager:
         self.loss_hook = loss_hook
         self.run_dir: Path | None = None
         self._stop_signal: str | None = None
+        self._segment_start = time.time()  # reset when the loop starts
 
     # --- (1)-(4) setup ----------------------------------------------------------------------
 
@@ -132,7 +164,12 @@ class ExperimentManager:
         if self.resume is not None:  # checked before anything is created
             checkpoint = find_resume_checkpoint(self.resume, cfg)
             changes = resume_changes(checkpoint.parent.parent, cfg)
+            done = self._already_complete(checkpoint)
+            if done is not None:
+                return done
         acc = build_accelerator(cfg)
+        if checkpoint is not None:  # refused before anything is written
+            self._check_process_count(checkpoint, acc.num_processes)
         sharded = acc.distributed_type == DistributedType.FSDP
         if sharded and cfg.training.ema.enabled:
             raise ConfigError(["EMA is not supported with FSDP; set training.ema.enabled=false "
@@ -179,13 +216,11 @@ class ExperimentManager:
         ema = WeightEMA(raw_model, cfg.training.ema.decay) if cfg.training.ema.enabled else None
         model = torch.compile(raw_model) if cfg.training.compile else raw_model
         model, optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(scheduler)  # stepped by us, once per optimizer step
-        if ema is not None:
-            acc.register_for_checkpointing(ema)
+        # The schedule and the EMA are saved by gmmt (JSON, safetensors), not registered with
+        # Accelerate, which would save them as pickles and load them with full unpickling.
         state = initial_state()
         if checkpoint is not None:
-            acc.load_state(str(checkpoint))  # after prepare(), or it silently does nothing
-            state.update(json.loads((checkpoint / TRAINER_STATE).read_text()))
+            state.update(self._restore(acc, checkpoint, raw_model, scheduler, ema))
         main = acc.is_main_process
         trackers = Trackers(run_dir if main else None, cfg if main else None,
                             state["wandb_run_id"])
@@ -195,19 +230,90 @@ class ExperimentManager:
                            sharded)
 
         previous = signal.signal(signal.SIGTERM, self._on_signal)
-        start = time.time()
+        start = self._segment_start = time.time()
         try:
             summary = self._loop(session)
+        except OSError as err:  # a write outside a checkpoint (best/, final/, metrics.jsonl)
+            raise self._write_error(session, "to the run folder", err) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
             trackers.finish()
-        summary["train_time_s"] = round(time.time() - start, 3)
+        # Every segment of a resumed run counts: the earlier ones come with the trainer state.
+        summary["train_time_s"] = round(state["train_time_s"] + time.time() - start, 3)
         if main:
-            write_json_atomic(run_dir / "summary.json", summary)
+            try:
+                write_json_atomic(run_dir / "summary.json", summary)
+            except OSError as err:
+                raise self._write_error(session, "summary.json", err) from None
             log.debug("summary: %s", json.dumps(summary))
             log.info("%s", final_line(summary))
         acc.wait_for_everyone()
         return summary
+
+    # --- resume --------------------------------------------------------------------------
+
+    def _already_complete(self, checkpoint: Path) -> dict[str, Any] | None:
+        """The saved summary when ``checkpoint`` ends a finished run this config would not
+        extend; resuming it then changes nothing (no re-validation, no rewritten files)."""
+        state = read_trainer_state(checkpoint)
+        total = self.config.training.total_steps
+        finished = state.get("finished")
+        if not finished or (state["step"] < total and finished != "early stopping"):
+            return None
+        run_dir = checkpoint.parent.parent
+        self.run_dir = run_dir
+        setup_logging(None, self.config, True)  # console only: train.log is left untouched
+        log.warning("%s is complete (step %d of %d, %s); nothing to do and nothing was "
+                    "changed. To train longer, raise training.num_epochs.", run_dir,
+                    state["step"], total, finished)
+        try:
+            return json.loads((run_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            return {"run_dir": str(run_dir), "steps": state["step"], "total_steps": total}
+
+    def _check_process_count(self, checkpoint: Path, num_processes: int) -> None:
+        """Refuse (before anything is written) a checkpoint of another process count."""
+        problem = process_count_problem(checkpoint, num_processes)
+        if problem and not self.allow_inexact_resume:
+            raise RunFileError(f"cannot resume exactly: {problem}. Resume with the same number "
+                               f"of processes, or pass --allow-inexact-resume to continue "
+                               f"anyway (not bit-exact)")
+
+    def _restore(self, acc: Accelerator, checkpoint: Path, raw_model: torch.nn.Module,
+                 scheduler: Any, ema: WeightEMA | None) -> dict[str, Any]:
+        """Load a verified checkpoint into the prepared objects; return its trainer state.
+
+        Accelerate loads the model (safetensors) and optimizer (``weights_only=True``); gmmt
+        loads the schedule (JSON), the EMA weights and the RNG state (safetensors).
+        """
+        saved = read_trainer_state(checkpoint)
+        try:  # after prepare(), or it silently does nothing
+            acc.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+        except Exception as err:  # a forged file that passed the manifest, or another model
+            why = ("holds objects other than tensors (refused: unpickling them could run code)"
+                   if isinstance(err, pickle.UnpicklingError)
+                   else f"cannot be loaded ({first_line(err)})")
+            raise DamagedFileError(_blame(err, checkpoint), why) from None
+        try:
+            scheduler.load_state_dict(saved.pop("scheduler"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise DamagedFileError(checkpoint / "trainer_state.json",
+                                   f"bad schedule state ({first_line(err)})") from None
+        if ema is not None and not load_ema(checkpoint, ema.shadow):
+            log.warning("the checkpoint has no EMA weights (EMA switched on at resume): the "
+                        "average starts from the resumed weights")
+            ema.shadow = WeightEMA(raw_model, ema.decay).shadow
+        problem = process_count_problem(checkpoint, acc.num_processes)
+        if problem:  # only reached with allow_inexact_resume
+            log.warning("%s; continuing anyway (--allow-inexact-resume): this continuation is "
+                        "no longer bit-exact", problem)
+        if not load_rank_state(checkpoint, acc.process_index):
+            log.warning("%s has no RNG state for rank %d (it has ranks %s): this process's "
+                        "generators continue from the seed", checkpoint, acc.process_index,
+                        checkpoint_ranks(checkpoint))
+        saved.pop("num_processes", None)
+        saved["finished"] = None  # reached only when this config extends the run
+        return saved
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signal.Signals(signum).name
@@ -291,6 +397,14 @@ class ExperimentManager:
         if torch.isfinite(grad_norm):
             s.optimizer.step()
             state["nonfinite_in_a_row"] = 0
+            # A finite gradient can still overflow the update (a huge weight decay or lr);
+            # such weights cannot be skipped back, so stop before anything saves them.
+            if not s.sharded and not weights_finite(s.raw_model):
+                opt = tcfg.optimizer
+                raise TrainingDiverged(self._diverged(
+                    s, f"step {step + 1} made the weights non-finite although the loss and "
+                       f"gradient were finite: the update overflowed (training.optimizer.lr="
+                       f"{opt.lr:g}, weight_decay={opt.weight_decay:g})", advise=False))
             if s.ema is not None:
                 s.ema.update(s.raw_model)
         else:
@@ -299,10 +413,9 @@ class ExperimentManager:
             log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)",
                         step + 1, state["nonfinite_in_a_row"])
             if state["nonfinite_in_a_row"] >= tcfg.max_nonfinite_steps:
-                raise TrainingDiverged(
-                    f"loss was NaN/inf for {state['nonfinite_in_a_row']} steps in a row "
-                    f"(training.max_nonfinite_steps); no checkpoint was written for them. "
-                    f"Lower training.optimizer.lr or set training.gradient_clip_norm.")
+                raise TrainingDiverged(self._diverged(
+                    s, f"loss was NaN/inf for {state['nonfinite_in_a_row']} steps in a row "
+                       f"(training.max_nonfinite_steps)"))
         s.optimizer.zero_grad(set_to_none=True)
         s.scheduler.step()
         state["step"] = step + 1
@@ -348,6 +461,13 @@ class ExperimentManager:
                      state["step"], stopped_by, s.run_dir)
             return summary
         results, _ = self._validate(s, state["step"])
+        metric = s.cfg.training.early_stopping.metric
+        if not math.isfinite(results.model[metric]):  # e.g. data too large for float32
+            raise TrainingDiverged(self._diverged(
+                s, f"the final validation {metric} is {results.model[metric]} after "
+                   f"{state['skipped_steps']} skipped step(s)"))
+        # Marks the last checkpoint: resuming it again says "complete" and changes nothing.
+        state["finished"] = stopped_by or "total_steps"
         self._checkpoint(s)
         self._export(s, s.run_dir / "final", {"step": state["step"]})
         vis = s.cfg.validation.visualization
@@ -406,7 +526,14 @@ class ExperimentManager:
             raise ConfigError([f"early_stopping.metric {es.metric!r} is not computed; choose one "
                                f"of {sorted(results.model)} @ $.training.early_stopping.metric"])
         value = results.model[es.metric]
-        if state["best_metric"] is None or value < state["best_metric"] - es.min_delta:
+        # best/ never receives a non-finite metric or weights: it is what users load.
+        finite = math.isfinite(value) and (s.sharded or weights_finite(eval_model))
+        if not finite:
+            state["evals_without_improvement"] += 1
+            log.warning("step %d: validation %s is %s or the weights are not finite; best/ is "
+                        "left as it was (%s)", step, es.metric, value,
+                        f"step {state['best_step']}" if state["best_step"] else "not written")
+        elif state["best_metric"] is None or value < state["best_metric"] - es.min_delta:
             state.update(best_metric=value, best_step=step, evals_without_improvement=0)
             if cfg.training.checkpointing.save_best:
                 self._export(s, s.run_dir / "best", {"step": step, es.metric: value}, eval_model)
@@ -428,15 +555,85 @@ class ExperimentManager:
     # --- (8) checkpoints --------------------------------------------------------------------
 
     def _checkpoint(self, s: _Session) -> None:
-        if not all(torch.isfinite(p).all() for p in s.raw_model.parameters()):
-            raise TrainingDiverged("model weights are not finite; refusing to checkpoint them")
+        if not s.sharded and not weights_finite(s.raw_model):
+            raise TrainingDiverged(self._diverged(s, "the model weights are not finite"))
         acc, step = s.acc, s.state["step"]
+        tmp = temporary_checkpoint_dir(s.run_dir, step)
+        try:
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp))
+            save_rank_state(tmp, acc.process_index)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                s.cfg.save(tmp / "config.json")
+                path = finish_checkpoint(s.run_dir, step, self._trainer_state(s),
+                                         s.cfg.training.checkpointing.keep_last,
+                                         s.ema.shadow if s.ema is not None else None)
+                log.info("checkpoint: %s", path)
+        except (OSError, RuntimeError) as err:
+            if not isinstance(err, OSError) and not _is_write_failure(err):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # the temporary is never a checkpoint
+            raise self._write_error(s, f"checkpoint step_{step}", err) from None
         acc.wait_for_everyone()
-        acc.save_state(str(temporary_checkpoint_dir(s.run_dir, step)))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            s.cfg.save(temporary_checkpoint_dir(s.run_dir, step) / "config.json")
-            path = finish_checkpoint(s.run_dir, step, s.state,
-                                     s.cfg.training.checkpointing.keep_last)
-            log.info("checkpoint: %s", path)
-        acc.wait_for_everyone()
+
+    def _trainer_state(self, s: _Session) -> dict[str, Any]:
+        """What trainer_state.json holds: the counters, the schedule, the process count (part
+        of the batch layout) and the training time of every segment so far."""
+        return {**s.state, "scheduler": s.scheduler.state_dict(),
+                "num_processes": s.acc.num_processes,
+                "train_time_s": round(s.state["train_time_s"] + time.time()
+                                      - self._segment_start, 3)}
+
+    @staticmethod
+    def _write_error(s: _Session, what: str, err: BaseException) -> RunFileError:
+        """One line for a failed write (full disk, lost permissions): what failed, and that
+        the checkpoints written before are intact (each was complete before its rename)."""
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            reason = "the disk is full"
+        else:
+            reason = first_line(err) if not isinstance(err, OSError) else (err.strerror or
+                                                                           first_line(err))
+        done = step_checkpoints(s.run_dir)
+        intact = (f"earlier checkpoints are intact (newest: {done[-1][1]}); free space and "
+                  f"continue with --resume latest" if done else "no earlier checkpoint exists")
+        return RunFileError(f"could not write {what} in {s.run_dir}: {reason}; {intact}")
+
+    @staticmethod
+    def _diverged(s: _Session, what: str, advise: bool = True) -> str:
+        """The exit-3 message: what went wrong, what was and was not written, what to try."""
+        state = s.state
+        done = step_checkpoints(s.run_dir)
+        written = [f"the last checkpoint is {done[-1][1].name} (finite weights)" if done
+                   else "no checkpoint was written"]
+        written.append(f"best/ holds step {state['best_step']}" if state["best_step"]
+                       and s.cfg.training.checkpointing.save_best else "best/ was not written")
+        written.append("final/ and summary.json were not written; nothing non-finite was saved")
+        tips = []
+        if advise:
+            tips.append("lower training.optimizer.lr")
+            clip = s.cfg.training.gradient_clip_norm
+            tips.append("set training.gradient_clip_norm" if clip is None
+                        else f"gradient clipping (norm {clip:g}) is already on, so check the "
+                             f"data scale and training.optimizer settings")
+        return f"{what}; " + "; ".join(written) + ("." if not tips else
+                                                    ". Try: " + "; ".join(tips) + ".")
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    """torch.save reports a full disk as a RuntimeError, not an OSError."""
+    text = str(err).lower()
+    return "write" in text or "space" in text
+
+
+def _blame(err: BaseException, checkpoint: Path) -> Path:
+    """The file Accelerate was loading when ``err`` was raised (from its frames' locals)."""
+    tb, found = err.__traceback__, None
+    while tb is not None:
+        names = tb.tb_frame.f_locals
+        for key in ("input_optimizer_file", "input_model_file"):
+            if key in names:
+                found = Path(names[key])
+                break
+        tb = tb.tb_next
+    return found or checkpoint

@@ -14,7 +14,14 @@ from accelerate.utils import broadcast_object_list
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.fields import ConfigError
 from gmmt.config.overrides import diff
-from gmmt.training.checkpoint import TRAINER_STATE, latest_checkpoint
+from gmmt.saved_model import RunFileError
+from gmmt.training.checkpoint import (
+    MANIFEST,
+    STEP_DIR,
+    TRAINER_STATE,
+    latest_checkpoint,
+    verify_checkpoint,
+)
 
 log = logging.getLogger("gmmt")
 
@@ -62,8 +69,14 @@ def build_accelerator(config: ExperimentConfig) -> Accelerator:
 
 
 def find_resume_checkpoint(resume: str | Path, config: ExperimentConfig) -> Path:
-    """``latest``: the newest run of this exp_name with a complete checkpoint; else a run
-    folder (its latest checkpoint) or a checkpoint folder."""
+    """``latest``: the newest good checkpoint of the newest run of this exp_name that has one;
+    a run folder: its newest good checkpoint; a checkpoint folder: that one.
+
+    Every candidate is verified (:func:`verify_checkpoint`: manifest sizes and hashes, no
+    pickles, a complete trainer state). ``latest`` and a run folder skip a damaged checkpoint
+    with a warning naming the file and fall back to an older one; a checkpoint named
+    explicitly raises DamagedFileError (one line, exit code 2) instead.
+    """
     if str(resume) == "latest":
         base = Path(config.paths.base_dir)
         runs = sorted(p for p in base.glob(f"{config.metadata.exp_name}-*") if p.is_dir())
@@ -71,14 +84,17 @@ def find_resume_checkpoint(resume: str | Path, config: ExperimentConfig) -> Path
             found = latest_checkpoint(run)
             if found is not None:
                 return found
-        raise ConfigError([f"no run of {config.metadata.exp_name!r} with a checkpoint under "
-                           f"{base}/"], "nothing to resume")
+        raise ConfigError([f"no run of {config.metadata.exp_name!r} with a checkpoint that "
+                           f"passes verification under {base}/"], "nothing to resume")
     path = Path(resume)
-    if (path / TRAINER_STATE).is_file():
+    if STEP_DIR.match(path.name) or (path / TRAINER_STATE).exists() or (path / MANIFEST).exists():
+        if not path.is_dir():
+            raise ConfigError([f"{path} is not a folder"], "nothing to resume")
+        verify_checkpoint(path)
         return path
     found = latest_checkpoint(path) if path.is_dir() else None
     if found is None:
-        raise ConfigError([f"{path} is neither a checkpoint nor a run folder with one"],
+        raise ConfigError([f"{path} is neither a checkpoint nor a run folder with a usable one"],
                           "nothing to resume")
     return found
 
@@ -117,6 +133,10 @@ def make_run_dir(acc: Accelerator, config: ExperimentConfig) -> Path:
         while run_dir.exists():
             suffix += 1
             run_dir = base / f"{config.metadata.exp_name}-{stamp}-{suffix}"
-        (run_dir / "checkpoints").mkdir(parents=True)
-        (run_dir / "plots").mkdir()
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True)
+            (run_dir / "plots").mkdir()
+        except OSError as err:  # unwritable, under a regular file, full disk
+            raise RunFileError(f"cannot create the run folder {run_dir}: "
+                               f"{err.strerror or err} (check paths.base_dir)") from None
     return Path(broadcast_object_list([str(run_dir)])[0])
