@@ -114,10 +114,46 @@ def test_evaluation_prints_progress_lines_without_a_terminal(
     config = evaluation_config(saved, 8, 4, ["identity", "kmeans"])
 
     class Identity(torch.nn.Module):
-        def forward(self, points, mask=None, snr_db=None):  # noqa: ANN001, ANN201
+        def forward(self, points, mask=None, snr_db=None):
             return points
 
     score_held_out(Identity(), saved.data, config, 0, torch.device("cpu"))
     err = capsys.readouterr().err
     assert "evaluating 8 sets in 2 batches on cpu: the model and identity, kmeans" in err
     assert "batch 1/2 (50%)" in err and "batch 2/2 (100%)" in err
+
+
+# --- quick_test can be judged ------------------------------------------------------------------
+
+
+def test_quick_test_is_scored_against_cheap_yardsticks(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    config = helpers.small_config(tmp_path)  # quick_test's own validation preset
+    assert config.metadata.component_presets["validation"] == "quick"
+    summary = ExperimentManager(config).run()
+    assert set(summary["baselines"]) == {"identity", "oracle", "em"}
+    assert summary["baselines"]["em"]["mse"] > 0 and summary["model"]["mse"] > 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "done in" in last and "model/em" in last and "oracle" in last
+
+
+def test_training_curves_title_mentions_baselines_only_when_drawn(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gmmt.evaluation import plots
+
+    titles: list[list[str]] = []
+
+    def capture(fig, path):
+        titles.append([ax.get_title() for ax in fig.axes])
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    rows = [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5, "val/mse": 0.1}]
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plots.plot_training_curves(jsonl, tmp_path / "a.png")
+    rows.append({"step": 2, "val/baselines.em.mse": 0.05})
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plots.plot_training_curves(jsonl, tmp_path / "b.png")
+    assert "Validation MSE" in titles[0] and "dashed" not in " ".join(titles[0])
+    assert "Validation MSE (baselines dashed)" in titles[1]

@@ -248,7 +248,9 @@ def plot_training_curves(metrics_jsonl_path: str | Path, path: str | Path) -> Pa
             ax_val.text(0.5, 0.5, "no validation logged", ha="center", va="center",
                         transform=ax_val.transAxes)
             ax_val.set(xticks=[], yticks=[])
-        ax_val.set(title=f"Validation {label} (baselines dashed)", xlabel="step", ylabel=label)
+        # Only announce dashed baselines when some were drawn.
+        note = " (baselines dashed)" if baselines else ""
+        ax_val.set(title=f"Validation {label}{note}", xlabel="step", ylabel=label)
         ax_val.grid(True, which="both", alpha=0.3)
         return _save(fig, path)
 
