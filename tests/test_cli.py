@@ -61,8 +61,10 @@ def test_schema_describes_the_config(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_dry_run_mix_and_match(capsys: pytest.CaptureFixture) -> None:
+    # --allow-slow: on a CPU with less than ~60 GiB free this mix is refused (exit 4)
     code = main(["--dry-run", "--model-preset", "medium", "--training-preset", "standard",
-                 "--data-preset", "complex", "--validation-preset", "comprehensive"])
+                 "--data-preset", "complex", "--validation-preset", "comprehensive",
+                 "--allow-slow"])
     out = capsys.readouterr().out
     assert code == 0
     assert "components: model=medium, training=standard, data=complex" in out
@@ -141,3 +143,67 @@ def test_section_of_wrong_type_in_set_fails(capsys: pytest.CaptureFixture) -> No
     # a leaf given an object is still the leaf's own type error
     assert main(["--set", "metadata.exp_name={}", "--print-config"]) == 2
     assert "expected str, got dict {} @ $.metadata.exp_name" in capsys.readouterr().err
+
+
+# --- the machine check before a run (gmmt.training.preflight) --------------------------------
+
+SMALL = ["--preset", "quick_test", "--device", "cpu", "--set", "training.num_epochs=1",
+         "--set", "training.steps_per_epoch=2", "--set", "training.batch_size=2",
+         "--set", "training.scheduler.warmup_steps=1", "--set", "validation.num_sets=4",
+         "--set", "validation.every_n_steps=0", "--set", "logging.wandb.enabled=false",
+         "--set", "validation.visualization.enabled=false"]
+
+
+def test_a_run_too_slow_for_this_cpu_stops_with_advice(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    args = [*SMALL, "--set", f"paths.base_dir={tmp_path}", "--set",
+            "training.max_cpu_hours=1e-9"]
+    assert main(args) == 4
+    err = capsys.readouterr().err
+    assert "steps project to about" in err and "more than training.max_cpu_hours=1e-09" in err
+    assert "--preset quick_test" in err and "--allow-slow" in err
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []  # nothing written
+    assert main([*args, "--allow-slow"]) == 0  # the user insists
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_fast_enough_run_prints_its_projection(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    assert main([*SMALL, "--set", f"paths.base_dir={tmp_path}"]) == 0
+    err = capsys.readouterr().err
+    assert "gmmt: time: 2 steps project to about" in err and "gmmt: memory: about" in err
+
+
+def test_a_step_bigger_than_memory_is_refused_at_once(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    huge = [*SMALL, "--set", f"paths.base_dir={tmp_path}", "--set",
+            "training.batch_size=10000000"]
+    for args in (huge, [*huge, "--dry-run"]):
+        assert main(args) == 4
+        err = capsys.readouterr().err
+        assert "one training step needs about" in err and "available" in err
+        assert "--allow-slow" in err
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_of_a_gpu_preset_answers_in_seconds(capsys: pytest.CaptureFixture) -> None:
+    import time
+
+    start = time.time()
+    assert main(["--preset", "high_performance", "--dry-run", "--allow-slow"]) == 0
+    elapsed = time.time() - start
+    out = capsys.readouterr().out
+    assert "37,910,274 parameters" in out and "memory: about" in out
+    assert "dry run: config valid" in out
+    assert elapsed < 20, f"dry run took {elapsed:.0f} s"
+
+
+def test_dry_run_checks_device_and_precision(capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["--dry-run", "--device", "cuda"]) == 2
+        assert "no CUDA GPU is visible @ $.device.device" in capsys.readouterr().err
+        assert main(["--dry-run", "--set", "device.mixed_precision=fp16"]) == 2
+        assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["--dry-run", "--device", "cpu", "--set", "device.mixed_precision=true"]) == 0

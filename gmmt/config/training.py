@@ -136,6 +136,9 @@ class TrainingConfig:
         10, "skip steps with a NaN/inf loss; stop with an error after this many in a row",
         positive)
     compile: bool = setting(False, "torch.compile the model (slower than eager on CPU)")
+    max_cpu_hours: float | None = setting(
+        2.0, "on a CPU, the first steps are timed and a run projected to train longer than this "
+        "stops before it starts, with advice (null: never; --allow-slow overrides)", positive)
     optimizer: OptimizerConfig = setting(doc="optimizer", factory=OptimizerConfig)
     scheduler: SchedulerConfig = setting(doc="learning-rate schedule", factory=SchedulerConfig)
     loss: LossConfig = setting(doc="objective", factory=LossConfig)
