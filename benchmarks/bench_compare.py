@@ -21,7 +21,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from common import machine
+from common import DefaultsHelpFormatter, machine
 from tqdm.auto import tqdm
 
 from gmmt import load_model
@@ -105,7 +105,8 @@ def compare(em: torch.Tensor, oracle: torch.Tensor, models: torch.Tensor, runs: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
                         help="finished runs (their final/ models); the first is the reference")
     parser.add_argument("--group-size", type=int, metavar="G",

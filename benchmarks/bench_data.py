@@ -25,7 +25,7 @@ from datetime import date
 import attrs
 import torch
 import torch.nn.functional as F
-from common import machine
+from common import DefaultsHelpFormatter, machine
 
 from gmmt.config.data import DistributionSpec
 from gmmt.config.presets import resolve_config
@@ -89,7 +89,8 @@ def step_ratio(experiment: str, sampler: GMMSampler, step_batch: int, steps: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--presets", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")

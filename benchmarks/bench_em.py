@@ -30,7 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy / sklearn load (fa
 import numpy as np
 import sklearn
 import torch
-from common import machine
+from common import DefaultsHelpFormatter, machine
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
@@ -53,7 +53,8 @@ def _sync(device: torch.device) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--data", default="simple", help="data preset (default simple)")
     parser.add_argument("--sets", type=int, default=512)

@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # sklearn's BLAS (before numpy lo
 
 import numpy as np
 import torch
-from common import machine
+from common import DefaultsHelpFormatter, machine
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
 
@@ -69,7 +69,8 @@ def best_time(fn: Callable[[], Answer], repeats: int) -> tuple[float, Answer]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("run", type=Path, help="a run folder (its final/ model is used)")
     parser.add_argument("--sets", type=int, default=512)
     parser.add_argument("--points", type=int, default=300)

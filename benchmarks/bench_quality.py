@@ -27,7 +27,7 @@ from pathlib import Path
 
 import attrs
 import torch
-from common import machine
+from common import DefaultsHelpFormatter, machine
 
 from gmmt import load_model
 from gmmt.config.converter import check
@@ -142,7 +142,8 @@ def by_bin(results: Results, kind: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--run", type=Path, help="a finished cpu_reference run to score")
     parser.add_argument("--base-dir", type=Path, default=Path("runs"),
                         help="where a new training run goes (default: runs/)")

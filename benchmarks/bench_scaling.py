@@ -18,7 +18,7 @@ import subprocess
 import sys
 from datetime import date
 
-from common import machine
+from common import DefaultsHelpFormatter, machine
 
 CHILD = r"""
 import json, resource, sys, time
@@ -80,7 +80,8 @@ def growth_exponent(rows: list[dict], key: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--model", default="small", help="model preset (default: small)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000, 2000, 5000])

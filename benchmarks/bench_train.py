@@ -25,7 +25,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from common import machine
+from common import DefaultsHelpFormatter, machine
 
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.presets import resolve_config
@@ -112,7 +112,8 @@ def matmul_peak_flops(size: int = 1024, repeats: int = 10) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds per case")

@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from attrs import evolve
 
@@ -79,7 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--print-config", action="store_true",
                    help="print the resolved config and its diff against the bare preset")
     i.add_argument("--schema", action="store_true", help="print the JSON Schema of the config")
+    i.add_argument("--print-launch-config", metavar="NAME", nargs="?", const="",
+                   help="print a packaged accelerate launch config (e.g. multi_gpu; without "
+                        "NAME: list them), to save and pass to accelerate launch --config_file")
     return p
+
+
+LAUNCH_DIR = Path(__file__).resolve().parent / "launch"
+
+
+def launch_config(name: str) -> str:
+    """A packaged launch recipe (``launch/NAME.yaml``, or the SLURM script), or the list."""
+    files = {p.stem: p for p in sorted(LAUNCH_DIR.glob("*")) if p.suffix in (".yaml", ".sbatch")}
+    if not name:
+        return "".join(f"{stem}\n" for stem in files)
+    stem = name.removesuffix(".yaml").removesuffix(".sbatch")
+    if stem not in files:
+        raise ConfigError([f"unknown launch config {name!r}; packaged: {', '.join(files)}"],
+                          "unknown launch config")
+    return files[stem].read_text()
 
 
 def list_presets(store: PresetStore) -> str:
@@ -137,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     TrainingDiverged: type[Exception] = _NotRaised  # noqa: N806  (rebound by the import below)
     try:
+        if args.print_launch_config is not None:
+            print(launch_config(args.print_launch_config), end="")
+            return 0
         if args.schema:
             from gmmt.config.schema import json_schema
 

@@ -207,3 +207,13 @@ def test_dry_run_checks_device_and_precision(capsys: pytest.CaptureFixture) -> N
         assert main(["--dry-run", "--set", "device.mixed_precision=fp16"]) == 2
         assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
     assert main(["--dry-run", "--device", "cpu", "--set", "device.mixed_precision=true"]) == 0
+
+
+def test_print_launch_config(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--print-launch-config"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "multi_gpu" in names and "cpu_2proc" in names
+    assert main(["--print-launch-config", "multi_gpu"]) == 0
+    assert "num_processes" in capsys.readouterr().out
+    assert main(["--print-launch-config", "nope"]) == 2
+    assert "unknown launch config 'nope'" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,12 @@ REPO = Path(__file__).resolve().parent.parent
 def test_wheel_install_finds_every_preset(tmp_path: Path) -> None:
     wheel_dir, target, elsewhere = tmp_path / "wheel", tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps",
+    # Built from a copy: setuptools writes build/ and gmmt.egg-info/ next to the sources.
+    source_copy = tmp_path / "src"
+    shutil.copytree(REPO, source_copy, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache",
+        ".ruff_cache", "wandb"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source_copy), "--no-deps",
                     "--no-build-isolation", "-q", "-w", str(wheel_dir)], check=True,
                    capture_output=True, timeout=300)
     (wheel,) = wheel_dir.glob("gmmt-*.whl")
@@ -22,13 +28,16 @@ def test_wheel_install_finds_every_preset(tmp_path: Path) -> None:
                     str(target), str(wheel)], check=True, capture_output=True, timeout=300)
     script = (
         "import gmmt, json\n"
+        "from pathlib import Path\n"
         "from gmmt.config.presets import PresetStore, get_preset_config\n"
         "s = PresetStore()\n"
         "print(json.dumps({'file': gmmt.__file__, 'kinds': {k: s.names(k) for k in "
         "['experiments', 'model', 'training', 'data', 'validation', "
         "'data_params/cluster_params', 'data_params/snr_db_params', "
         "'data_params/sample_count_distribution']}, "
-        "'hp': get_preset_config('high_performance').model.transformer.num_layers}))\n"
+        "'hp': get_preset_config('high_performance').model.transformer.num_layers, "
+        "'launch': sorted(p.name for p in (Path(gmmt.__file__).parent / 'launch').iterdir())"
+        "}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, check=True,
@@ -40,6 +49,9 @@ def test_wheel_install_finds_every_preset(tmp_path: Path) -> None:
         assert names == PresetStore([source]).names(kind), kind
         assert names
     assert found["hp"] == 48
+    # The accelerate launch recipes ship too (gmmt --print-launch-config NAME prints one).
+    assert found["launch"] == sorted(p.name for p in (REPO / "gmmt" / "launch").iterdir())
+    assert "multi_gpu.yaml" in found["launch"]
     # The console script is declared.
     assert "gmmt = gmmt.run:main" in (REPO / "setup.cfg").read_text()
 
