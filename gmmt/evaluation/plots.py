@@ -295,35 +295,49 @@ def plot_error_vs_snr(by_snr: Mapping[str, Scores], path: str | Path,
     x = [(p[0] + p[1]) / 2 for p in positions] if numeric else list(range(len(labels)))
     ylabel = {"mse": "MSE per coordinate", "mse_over_noise": "MSE / σ²"}[metric]
 
-    with matplotlib.rc_context(FONT):
-        fig = Figure(figsize=(7, 4.5), layout="constrained")
-        ax = fig.subplots()
-        for i, (method, values) in enumerate(series.items()):
+    _, excess = snr_breakdown(by_snr, "excess_over_bayes")
+    excess = {m: [100 * v for v in vs] for m, vs in excess.items() if m != "identity"}
+
+    def draw(ax: Axes, lines: dict[str, list[float]]) -> None:
+        for i, (method, values) in enumerate(lines.items()):
             is_model = method == MODEL
             ax.plot(x, values, label=LEGEND_NAMES.get(method, method), marker="o",
                     ms=6 if is_model else 4, lw=2.5 if is_model else 1.4,
                     ls="-" if method in (MODEL, "bayes") else "--",
                     color="black" if is_model else _baseline_colour(method, i),
                     zorder=3 if is_model else 2)
+        if numeric:
+            for edge in sorted({e for p in positions for e in p}):  # what each point averages
+                ax.axvline(edge, color="0.85", lw=0.8, zorder=0)
+        else:
+            ax.set_xticks(x, labels)
+        ax.grid(True, which="both", axis="y", alpha=0.3)
+
+    with matplotlib.rc_context(FONT):
+        # With the Bayes floor scored, a second panel shows every method relative to it: on
+        # the first, identity's error squeezes the close yardsticks into one line.
+        fig = Figure(figsize=(7.5, 7 if excess else 4.5), layout="constrained")
+        axes = fig.subplots(2 if excess else 1, 1, sharex=True, squeeze=False)[:, 0]
+        ax = axes[0]
+        draw(ax, series)
         values = [v for vs in series.values() for v in vs if math.isfinite(v)]
         if values and min(values) > 0:
             ax.set_yscale("log")
-        if numeric:
-            edges = sorted({e for p in positions for e in p})
-            for edge in edges:  # bin edges, so the reader sees what each point averages over
-                ax.axvline(edge, color="0.85", lw=0.8, zorder=0)
-            ax.set_xlabel("SNR (dB), bin centres; grey lines = bin edges")
-        else:
-            ax.set_xticks(x, labels)
-            ax.set_xlabel("SNR bin")
         title = f"{ylabel} versus SNR"
         model = (overall or {}).get(MODEL, {})
-        gaps = [f"{name} {model[key]:+.3g}" for key, name in (
-            ("excess_over_bayes", "over the floor"), ("reachable_gap", "reachable gap"))
-            if key in model]
+        gaps = ([f"{100 * model['excess_over_bayes']:+.1f} % over the floor"]
+                if "excess_over_bayes" in model else [])
+        gaps += [f"reachable gap {model['reachable_gap']:+.3g}"] if "reachable_gap" in model \
+            else []
         if gaps:
             title += "\nmodel overall: " + ", ".join(gaps)
         ax.set(title=title, ylabel=ylabel)
-        ax.grid(True, which="both", axis="y", alpha=0.3)
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never over data
+        if excess:
+            low = axes[1]
+            draw(low, {"bayes": [0.0] * len(labels)} | excess)
+            low.set(ylabel="MSE over the Bayes floor (%)",
+                    title="relative to the floor (0 %): the room any method can still close")
+        axes[-1].set_xlabel("SNR (dB), bin centres; grey lines = bin edges" if numeric
+                            else "SNR bin")
         return _save(fig, path)
