@@ -136,12 +136,11 @@ def test_error_vs_snr(tmp_path: Path) -> None:
 def test_error_vs_snr_adds_a_panel_relative_to_the_floor(tmp_path: Path) -> None:
     scores = snr_scores()
     plain = png_size(plot_error_vs_snr(scores, tmp_path / "plain.png"))
-    for label, bin_scores in scores.items():
+    for bin_scores in scores.values():
         bin_scores["bayes"] = {"mse_over_noise": 0.4}
         for method, values in bin_scores.items():
             if method != "bayes" and "mse_over_noise" in values:
                 values["excess_over_bayes"] = values["mse_over_noise"] / 0.4 - 1
-        assert label
     overall = {"model": {"mse": 0.1, "excess_over_bayes": 0.083, "reachable_gap": -0.5}}
     with_floor = png_size(plot_error_vs_snr(scores, tmp_path / "floor.png", overall))
     assert with_floor[1] > 1.4 * plain[1]  # a second panel below the first
