@@ -189,15 +189,21 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"run: {run_dir} ({report['train_steps']} steps, {report['train_wall_s']} s)")
+    trained = "given with --run" if train_s is None else f"{report['train_wall_s']} s"
+    print(f"run: {run_dir} ({report['train_steps']} steps, {trained})")
     print("| method | MSE | MSE/σ² | over the floor | ARI | K right |")
     print("|---|---|---|---|---|---|")
     nan = float("nan")
+
+    def cell(value: float | None, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
     for m in METHODS:
         row = report["overall"][m]
-        print(f"| {m} | {row.get('mse', nan):.6f} | {row.get('mse_over_noise', nan):.4f} | "
-              f"{100 * row.get('excess_over_bayes', nan):+.1f} % | {row.get('ari', nan):.4f} | "
-              f"{row.get('k_accuracy', nan):.3f} |")
+        excess = row.get("excess_over_bayes")
+        print(f"| {m} | {cell(row.get('mse'), '.6f')} | {cell(row.get('mse_over_noise'), '.4f')}"
+              f" | {cell(None if excess is None else 100 * excess, '+.1f')} % | "
+              f"{cell(row.get('ari'), '.4f')} | {cell(row.get('k_accuracy'), '.3f')} |")
     print(f"reachable gap {report['reachable_gap'] or nan:.3f} (tied EM 0, floor 1); gap_closed "
           f"{report['gap_closed'] or nan:.3f} (EM 0, oracle 1); against single-start EM: "
           f"{report['em_single_start']['gap_closed'] or nan:.3f}; the floor's chains disagree "
