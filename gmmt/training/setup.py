@@ -134,8 +134,8 @@ def make_run_dir(acc: Accelerator, config: ExperimentConfig) -> Path:
             suffix += 1
             run_dir = base / f"{config.metadata.exp_name}-{stamp}-{suffix}"
         try:
+            # plots/ is made by the first plot drawn: a run without plots has no empty folder.
             (run_dir / "checkpoints").mkdir(parents=True)
-            (run_dir / "plots").mkdir()
         except OSError as err:  # unwritable, under a regular file, full disk
             raise RunFileError(f"cannot create the run folder {run_dir}: "
                                f"{err.strerror or err} (check paths.base_dir)") from None
