@@ -6,6 +6,7 @@ trainer. Configuration mistakes print every problem with its JSON path and exit 
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("gmmt: interrupted; the last checkpoint can be resumed with --resume latest",
               file=sys.stderr)
         return 130
-    if "stopped_by" in summary and summary.get("steps", 0) < summary.get("total_steps", 0):
+    if ("stopped_by" in summary and summary.get("steps", 0) < summary.get("total_steps", 0)
+            and os.environ.get("RANK", "0") == "0"):  # one line, not one per process
         print(f"gmmt: stopped at step {summary['steps']} ({summary['stopped_by']}); "
               f"resume with --resume latest", file=sys.stderr)
     return 0

@@ -348,13 +348,16 @@ class ExperimentManager:
             saved_now = bool(ckpt_every) and step % ckpt_every == 0 and step != total
             if saved_now:
                 self._checkpoint(s)
-            stop = self._stop_signal is not None or (
-                self.stop_after_steps is not None and step >= self.stop_after_steps)
-            if acc.num_processes > 1:  # a signal may reach one process only
-                flag = torch.tensor(float(stop), device=acc.device)
-                stop = bool(acc.reduce(flag, "sum").item() > 0)
-            if stop or stopped_by:
-                stopped_by = stopped_by or self._stop_signal or "stop_after_steps"
+            signum = signal.Signals[self._stop_signal].value if self._stop_signal else 0
+            after = self.stop_after_steps is not None and step >= self.stop_after_steps
+            if acc.num_processes > 1:  # a signal may reach one process only: share the reason
+                flags = torch.tensor([[float(signum), float(after)]], device=acc.device)
+                everyone = acc.gather(flags)  # [processes, 2]
+                signum = int(everyone[:, 0].max().item())
+                after = bool(everyone[:, 1].max().item() > 0)
+            if signum or after or stopped_by:
+                stopped_by = stopped_by or (signal.Signals(signum).name if signum
+                                            else "stop_after_steps")
                 if not saved_now:
                     self._checkpoint(s)
                 break

@@ -1,0 +1,45 @@
+"""``accelerate launch`` that stops cleanly on SIGTERM (preemption, ``scancel``, ``kill``).
+
+``python -m gmmt.launcher ARGS`` takes exactly the arguments of ``accelerate launch ARGS``.
+On SIGTERM (or SIGINT) torch's launcher forwards the signal to every process it started and
+waits for them (30 s, then SIGKILL); each gmmt process then finishes its step, writes a
+checkpoint with the others and exits 0. Plain ``accelerate launch`` then ends with a
+``SignalException`` traceback and exit code 1; this wrapper prints one line instead and exits
+0 (as a single-process run does on SIGTERM), so a preempted job looks like what it is.
+"""
+
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+# torch's warnings while it forwards the signal; the one line below says the same.
+_FORWARDING_NOISE = ("death signal, shutting down workers", "closing signal")
+
+
+class _DropForwardingNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in _FORWARDING_NOISE)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    args = launch_command_parser().parse_args(argv)
+    noise = _DropForwardingNoise()
+    for name in ("torch.distributed.elastic.agent.server.api",
+                 "torch.distributed.elastic.multiprocessing.api"):
+        logging.getLogger(name).addFilter(noise)
+    try:
+        launch_command(args)
+    except SignalException as err:
+        name = signal.Signals(err.sigval).name
+        print(f"gmmt: launcher stopped by {name}: its processes were told to write a "
+              f"checkpoint and stop; continue with --resume latest", file=sys.stderr)
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
