@@ -1,11 +1,12 @@
 """``accelerate launch`` that stops cleanly on SIGTERM (preemption, ``scancel``, ``kill``).
 
 ``python -m gmmt.launcher ARGS`` takes exactly the arguments of ``accelerate launch ARGS``.
-On SIGTERM (or SIGINT) torch's launcher forwards the signal to every process it started and
-waits for them (30 s, then SIGKILL); each gmmt process then finishes its step, writes a
-checkpoint with the others and exits 0. Plain ``accelerate launch`` then ends with a
-``SignalException`` traceback and exit code 1; this wrapper prints one line instead and exits
-0 (as a single-process run does on SIGTERM), so a preempted job looks like what it is.
+On SIGTERM torch's launcher forwards the signal to every process it started and waits for
+them (30 s, or ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, then SIGKILL); each gmmt process then
+finishes its step, writes a checkpoint with the others and exits 0. Plain ``accelerate launch``
+then ends with a ``SignalException`` traceback and exit code 1; this wrapper prints one line
+instead and exits 0 (as a single-process run does on SIGTERM). Other signals (SIGINT, SIGHUP)
+are forwarded as they are and exit 128 + the signal number.
 """
 
 import logging
@@ -35,9 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         launch_command(args)
     except SignalException as err:
         name = signal.Signals(err.sigval).name
-        print(f"gmmt: launcher stopped by {name}: its processes were told to write a "
-              f"checkpoint and stop; continue with --resume latest", file=sys.stderr)
-        return 0
+        what = ("its processes were told to write a checkpoint and stop" if name == "SIGTERM"
+                else f"its processes were sent {name}")  # only SIGTERM checkpoints first
+        print(f"gmmt: launcher stopped by {name}: {what}; continue with --resume latest",
+              file=sys.stderr)
+        return 0 if name == "SIGTERM" else 128 + err.sigval
     return 0
 
 
