@@ -374,7 +374,7 @@ def test_launch_configs_are_valid_accelerate_configs() -> None:
     assert kinds["fsdp"][0] == "FSDP" and kinds["tpu"][0] == "XLA"
     assert kinds["multi_node"][0] == "MULTI_GPU"
     script = (REPO / "launch" / "slurm_multinode.sbatch").read_text()
-    assert "accelerate launch" in script and "--resume latest" in script
+    assert "python -m gmmt.launcher" in script and "--resume latest" in script
     subprocess.run(["bash", "-n", str(REPO / "launch" / "slurm_multinode.sbatch")], check=True)
 
 
