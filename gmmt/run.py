@@ -181,7 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe_resolution(resolved))
             print("\n".join(dry_run(resolved.config, args.allow_slow)))
             return 0
-        print_lines(preflight(resolved.config, allow_slow=args.allow_slow))
+        # A resumed run is not timed: its checkpoint, not the config, says how much is left
+        # (possibly nothing: a finished run).
+        print_lines(preflight(resolved.config, allow_slow=args.allow_slow,
+                              time_it=args.resume is None))
         from gmmt.training.experiment import ExperimentManager, TrainingDiverged
 
         manager = ExperimentManager(resolved.config, resume=args.resume,

@@ -156,3 +156,12 @@ def test_library_call_names_an_unknown_baseline(run_dir: Path, tmp_path: Path) -
     with pytest.raises(EvaluationError, match=r"unknown baseline.*'emm'.*choose from"):
         evaluate_saved_model(run_dir, baselines=["oracle", "emm"], out=tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written for a bad call
+
+
+@pytest.mark.parametrize("chosen", [["bayes"], ["em_bic"], ["em_bic", "bayes"]])
+def test_any_subset_of_baselines_can_be_scored(run_dir: Path, chosen: list[str]) -> None:
+    saved = ExperimentConfig.load(run_dir / "config.json")
+    saved.validation.bayes.num_samples = 7
+    config = evaluation_config(saved, 4, 4, chosen)
+    assert config.visualization.baseline in chosen
+    assert config.bayes == saved.validation.bayes  # the run's own sampler settings

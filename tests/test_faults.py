@@ -343,3 +343,18 @@ def test_a_full_disk_keeps_earlier_checkpoints(tmp_path: Path,
         verify_checkpoint(run / "checkpoints" / f"step_{step}")
     monkeypatch.setattr(ckpt_module, "save_file", real)
     assert ExperimentManager(config(tmp_path), resume="latest").run()["steps"] == 4
+
+
+def test_resuming_a_finished_run_from_the_command_line_times_no_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pre-run check would project the config's whole step count onto a run that has
+    # nothing left to do (and refuse a GPU-sized one with exit 4): a resume is not timed.
+    ExperimentManager(config(tmp_path)).run()
+    cfg_file = config(tmp_path).save(tmp_path / "run.json")
+    import gmmt.training.preflight as preflight
+
+    def no_timing(*_args: object) -> None:
+        raise AssertionError("a resumed run was timed")
+
+    monkeypatch.setattr(preflight, "time_steps", no_timing)
+    assert run_main(["--config", str(cfg_file), "--resume", "latest"]) == 0

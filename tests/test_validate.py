@@ -257,3 +257,11 @@ def test_floor_gaps_are_derived_from_the_averaged_errors() -> None:
     assert results.overall["oracle"]["excess_over_bayes"] == pytest.approx(-0.30)
     assert "excess_over_bayes" not in results.overall["bayes"]
     assert results.breakdowns["by_k"] == {"2": results.overall}  # K = 3 had no sets
+
+
+def test_no_reachable_gap_where_tied_em_is_not_above_the_floor() -> None:
+    shape = Layout((("all", ""),), ("model", "bayes", "em_tied"), ("mse",))
+    # tied EM 0.5 % below the floor (Monte-Carlo noise of a short chain): no ratio to report
+    sums = torch.tensor([[2.0, 2 * 1.10, 2 * 1.000, 2 * 0.995]], dtype=torch.float64)
+    results = summarise(sums, shape)
+    assert "reachable_gap" not in results.model and "excess_over_bayes" in results.model

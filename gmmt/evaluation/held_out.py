@@ -101,12 +101,12 @@ def evaluation_config(saved: ExperimentConfig, num_sets: int, batch_size: int,
                if set(DERIVED_METRICS.get(m, ())) <= set(baselines)]
     grid = saved.validation.visualization.baseline
     if grid not in baselines:  # the run's grid baseline, else the strongest one scored
-        grid = next((b for b in ("em_tied", "em", "kmeans", "oracle", "identity")
-                     if b in baselines), grid)
+        grid = next((b for b in ("em_tied", "bayes", "em", "em_bic", "kmeans", "oracle",
+                                 "identity") if b in baselines), grid)
     plots = ALL_PLOTS if baselines else [p for p in ALL_PLOTS if p != "sample_grid"]
     config = ValidationConfig(
         num_sets=num_sets, batch_size=batch_size, every_n_steps=0, metrics=metrics,
-        baselines=list(baselines), em=saved.validation.em,
+        baselines=list(baselines), em=saved.validation.em, bayes=saved.validation.bayes,
         breakdown=BreakdownConfig(by_snr=True, snr_bins=saved.validation.breakdown.snr_bins,
                                   by_k=True, by_separation=True),
         visualization=VisualizationConfig(

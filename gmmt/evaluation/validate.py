@@ -246,7 +246,9 @@ def _with_derived(scores: Scores) -> Scores:
             if method != "bayes":
                 excess = _ratio(mse[method], mse["bayes"])
                 derived[method]["excess_over_bayes"] = None if excess is None else excess - 1
-    if MODEL in mse and {"em_tied", "bayes"} <= set(mse):
+    # Only where tied EM is above the floor: below it (Monte-Carlo noise of a short chain, or
+    # a bin where both are the sample means) the ratio's sign and size mean nothing.
+    if MODEL in mse and {"em_tied", "bayes"} <= set(mse) and mse["em_tied"] > mse["bayes"]:
         derived[MODEL]["reachable_gap"] = _ratio(mse["em_tied"] - mse[MODEL],
                                                  mse["em_tied"] - mse["bayes"])
     if MODEL in mse and {"em", "oracle"} <= set(mse) and mse["em"] != mse["oracle"]:

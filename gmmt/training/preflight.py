@@ -238,7 +238,7 @@ def preflight(config: ExperimentConfig, *, allow_slow: bool = False,
     if problem:
         lines.append(f"warning: {problem}; --allow-slow: running anyway")
     limit = config.training.max_cpu_hours
-    # Several processes would each time their own steps and might disagree: only one times.
+    # Several processes would each time their own steps and might disagree: none times.
     if (device != "cpu" or not time_it or allow_slow or limit is None
             or local_processes() > 1):
         return lines
