@@ -92,6 +92,12 @@ def device_problems(config: ExperimentConfig) -> list[str]:
         problems.append("device 'cuda' was requested but no CUDA GPU is visible @ $.device.device")
     if device == "mps" and not torch.backends.mps.is_available():
         problems.append("device 'mps' was requested but MPS is not available @ $.device.device")
+    if device == "tpu":
+        try:
+            import torch_xla  # noqa: F401
+        except ImportError:
+            problems.append("device 'tpu' needs torch_xla (pip install torch_xla) "
+                            "@ $.device.device")
     if resolve_mixed_precision(config.device) == "fp16" and run_device(config) != "cuda":
         problems.append("fp16 needs a CUDA GPU and none will be used; use 'bf16' or 'no' "
                         "@ $.device.mixed_precision")

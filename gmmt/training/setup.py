@@ -22,6 +22,7 @@ from gmmt.training.checkpoint import (
     latest_checkpoint,
     verify_checkpoint,
 )
+from gmmt.training.preflight import device_problems
 
 log = logging.getLogger("gmmt")
 
@@ -39,21 +40,7 @@ def build_accelerator(config: ExperimentConfig) -> Accelerator:
     """
     device = config.device.device
     precision = config.device.mixed_precision
-    problems = []
-    if device == "cuda" and not torch.cuda.is_available():
-        problems.append("device 'cuda' was requested but no CUDA GPU is visible @ $.device.device")
-    if device == "mps" and not torch.backends.mps.is_available():
-        problems.append("device 'mps' was requested but MPS is not available @ $.device.device")
-    if device == "tpu":
-        try:
-            import torch_xla  # noqa: F401
-        except ImportError:
-            problems.append("device 'tpu' needs torch_xla (pip install torch_xla) "
-                            "@ $.device.device")
-    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if precision == "fp16" and not on_gpu:
-        problems.append("fp16 needs a CUDA GPU and none will be used; use 'bf16' or 'no' "
-                        "@ $.device.mixed_precision")
+    problems = device_problems(config)  # the same checks the pre-run check makes
     if problems:
         raise ConfigError(problems, "cannot run this configuration here")
     if device == "cuda" and config.device.gpu_id is not None:
