@@ -67,7 +67,7 @@ def step_ratio(experiment: str, sampler: GMMSampler, step_batch: int, steps: int
                gen_repeats: int, warmup: bool = True) -> dict[str, object]:
     """Generation time of one batch over one training step on that batch."""
     config = resolve_config(experiment).config
-    model = build_model(config.model, config.data.dim)
+    model = build_model(config.model, config.data.dim, config.data.max_clusters)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch: GMMBatch = sampler.batch(0, step_batch)
 

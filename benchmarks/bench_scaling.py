@@ -34,7 +34,7 @@ torch.set_num_threads(int(threads))
 cfg = resolve_config("quick_test", model=model_name, overrides=[
     f"model.transformer.attention.type={attention}",
     f'data.sample_count_distribution={{"type": "fixed", "value": {n}}}']).config
-model = build_model(cfg.model, cfg.data.dim)
+model = build_model(cfg.model, cfg.data.dim, cfg.data.max_clusters)
 opt = build_optimizer(model, cfg.training.optimizer)
 batch = GMMSampler(cfg.data, 0).batch(0, int(batch))
 

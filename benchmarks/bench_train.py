@@ -73,7 +73,7 @@ def gmmt_points_per_s(config: ExperimentConfig) -> float:
 
 def plain_points_per_s(config: ExperimentConfig) -> float:
     torch.manual_seed(config.device.seed)
-    model = build_model(config.model, config.data.dim)
+    model = build_model(config.model, config.data.dim, config.data.max_clusters)
     optimizer = build_optimizer(model, config.training.optimizer)
     sampler = GMMSampler(config.data, config.device.seed)
     t = config.training
@@ -135,7 +135,8 @@ def main() -> None:
             achieved = gmmt_rate * flops_per_point(config, n)
             results.append({
                 "case": name, "model": model_name, "batch": batch, "points_per_set": n,
-                "parameters": count_parameters(build_model(config.model, config.data.dim)),
+                "parameters": count_parameters(build_model(config.model, config.data.dim,
+                                                           config.data.max_clusters)),
                 "gmmt_points_per_s": round(gmmt_rate), "plain_points_per_s": round(plain_rate),
                 "gmmt_steps_per_s": round(gmmt_rate / (batch * n), 3),
                 "plain_steps_per_s": round(plain_rate / (batch * n), 3),

@@ -25,6 +25,7 @@ examples:
   python -m gmmt.evaluate runs/quick_test-20250101-120000
   python -m gmmt.evaluate runs/my_run/best --data-preset complex --num-sets 4096
   python -m gmmt.evaluate runs/my_run --baselines oracle kmeans --json > scores.json
+  python -m gmmt.evaluate runs/my_run --refine 20 --baselines bayes em_tied em_bic
 """
 
 
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", nargs="*", choices=ALL_BASELINES, default=list(ALL_BASELINES),
                    metavar="NAME", help=f"baselines to score (default: all of "
                                         f"{', '.join(ALL_BASELINES)})")
+    p.add_argument("--refine", type=int, metavar="ITERATIONS",
+                   help="also score the model refined by at most ITERATIONS tied-variance EM "
+                        "iterations from its own clusters, with its own K ('refined') and told "
+                        "the true K ('refined_told_k'); 0: the raw model only (default: as the "
+                        "run's model.refinement says)")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:1, ... or auto (cuda when available; default)")
     p.add_argument("--out", metavar="DIR",
@@ -66,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result, out = evaluate_saved_model(
             args.path, data_preset=args.data_preset, num_sets=args.num_sets,
             batch_size=args.batch_size, seed=args.seed, baselines=args.baselines,
-            device=args.device, out=args.out, config_dirs=args.config_dir)
+            device=args.device, out=args.out, config_dirs=args.config_dir,
+            refine_iterations=args.refine)
     except (EvaluationError, ConfigError, FileNotFoundError) as err:
         print(f"gmmt.evaluate: {err}", file=sys.stderr)
         return EXIT_USAGE

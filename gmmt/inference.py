@@ -2,7 +2,9 @@
 
 :func:`predict` runs a saved (or loaded) GMM transformer on points the user supplies, one set
 ``[n, d]`` or a batch ``[b, n, d]`` with a mask, and groups the predicted centres without being
-told K (:func:`gmmt.evaluation.grouping.group_predictions`). Bad inputs raise ``ValueError``
+told K (:func:`gmmt.evaluation.grouping.group_predictions`), or, refined, runs a few EM
+iterations from the model's clusters (:func:`gmmt.evaluation.refine.refine`). Bad inputs raise
+``ValueError``
 with a one-line message naming the problem; ``python -m gmmt.predict`` is the command line.
 """
 
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 
 from gmmt.evaluation.grouping import group_predictions
 from gmmt.evaluation.held_out import EvaluationError, pick_device
+from gmmt.evaluation.refine import refine_unknown_k, run_model, unwrap
 from gmmt.saved_model import load_model
 
 ArrayLike = np.ndarray | Tensor
@@ -25,18 +28,28 @@ class Prediction:
     """What the model says about a set (or a batch of sets), on the CPU.
 
     Attributes:
-        centres: predicted centre of every point, [n, d] (batched: [b, n, d], 0 at padding).
-        labels: the group of every point, 0..k_hat-1 by decreasing group size, [n] long
-            (batched: [b, n], 0 at padding).
-        k_hat: the number of groups, an int (batched: [b] long tensor).
-        group_centres: the mean predicted centre of each point's group, shaped like
+        centres: the centre of every point, [n, d] (batched: [b, n, d], 0 at padding): the
+            model's prediction, or the refined one when refinement ran.
+        labels: the group of every point, [n] long (batched: [b, n], 0 at padding): the
+            groups of the predictions, 0..k_hat-1 by decreasing size; refined, each point's
+            most responsible component of the fitted mixture.
+        k_hat: the number of groups, an int (batched: [b] long tensor); refined, the model's
+            K (its count head's most probable K, if it has one).
+        group_centres: the mean of ``centres`` over each point's group, shaped like
             ``centres``.
+        raw_centres: the model's own prediction (equal to ``centres`` when not refined).
+        count_probabilities: P(K | points) for K = 1..K_max, [K_max] (batched: [b, K_max]),
+            from the model's count head; ``None`` without one.
+        refine_iterations: EM iterations at most of the refinement (0: not refined).
     """
 
     centres: Tensor
     labels: Tensor
     k_hat: int | Tensor
     group_centres: Tensor | None = None
+    raw_centres: Tensor | None = None
+    count_probabilities: Tensor | None = None
+    refine_iterations: int = 0
 
 
 def _as_points(points: ArrayLike) -> Tensor:
@@ -90,7 +103,7 @@ def _check(points: Tensor, mask: Tensor | None, input_dim: int | None) -> None:
 @torch.no_grad()
 def predict(model_or_run_dir: nn.Module | str | os.PathLike, points: ArrayLike,
             mask: ArrayLike | None = None, *, device: str | torch.device = "cpu",
-            bandwidth: float = 0.5) -> Prediction:
+            bandwidth: float = 0.5, refine: int | None = None) -> Prediction:
     """Predict every point's centre and group the points by their predictions.
 
     Args:
@@ -106,6 +119,9 @@ def predict(model_or_run_dir: nn.Module | str | os.PathLike, points: ArrayLike,
             ``auto``.
         bandwidth: kernel width of the grouping, in units of the noise scale estimated from
             the set (see :func:`gmmt.evaluation.grouping.group_predictions`).
+        refine: refine the answer by at most this many tied-variance EM iterations started
+            from the model's clusters and K (0: the raw model); ``None``: as the model's
+            ``model.refinement`` config says.
 
     Returns:
         :class:`Prediction`: centres [n, d], labels [n], k_hat int for one set; centres
@@ -118,6 +134,8 @@ def predict(model_or_run_dir: nn.Module | str | os.PathLike, points: ArrayLike,
     """
     if not bandwidth > 0:
         raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+    if refine is not None and refine < 0:
+        raise ValueError(f"refine must be >= 0 (0: no refinement), got {refine}")
     x = _as_points(points)
     if x.dim() not in (2, 3):
         raise ValueError(f"points must be [n, d] or [b, n, d], got shape {list(x.shape)}")
@@ -141,15 +159,43 @@ def predict(model_or_run_dir: nn.Module | str | os.PathLike, points: ArrayLike,
     on = weights.device if weights is not None else torch.device("cpu")
     training = model.training
     model.eval()
+    batch, m_on = batch.to(on), None if m is None else m.to(on)
     try:
-        pred = model(batch.to(on), None if m is None else m.to(on))
+        pred, probs = run_model(model, batch, m_on)
     finally:
         model.train(training)
-    groups = group_predictions(pred.float(), batch.to(on), None if m is None else m.to(on),
-                               bandwidth=bandwidth)
-    centres, labels, k_hat = pred.float().cpu(), groups.labels.cpu(), groups.k_hat.cpu()
-    means = groups.centres.cpu()
+    pred = pred.float()
+    if refine is None:
+        config = getattr(unwrap(model), "config", None)
+        settings = getattr(config, "refinement", None)
+        refine = settings.iterations if settings is not None and settings.enabled else 0
+    if refine:
+        fit = refine_unknown_k(batch, pred, probs, m_on, iterations=refine)
+        centres, labels, k_hat = fit.centres, fit.assignments, fit.k_hat
+        means = _group_means(centres, labels, m_on)
+    else:
+        groups = group_predictions(pred, batch, m_on, bandwidth=bandwidth)
+        centres, labels, k_hat, means = pred, groups.labels, groups.k_hat, groups.centres
+    out = Prediction(centres=centres.float().cpu(), labels=labels.cpu(), k_hat=k_hat.cpu(),
+                     group_centres=means.float().cpu(), raw_centres=pred.cpu(),
+                     count_probabilities=None if probs is None else probs.cpu(),
+                     refine_iterations=refine)
     if single:
-        return Prediction(centres=centres[0], labels=labels[0], k_hat=int(k_hat[0]),
-                          group_centres=means[0])
-    return Prediction(centres=centres, labels=labels, k_hat=k_hat, group_centres=means)
+        return Prediction(centres=out.centres[0], labels=out.labels[0], k_hat=int(out.k_hat[0]),
+                          group_centres=out.group_centres[0], raw_centres=out.raw_centres[0],
+                          count_probabilities=None if probs is None
+                          else out.count_probabilities[0],
+                          refine_iterations=refine)
+    return out
+
+
+def _group_means(centres: Tensor, labels: Tensor, mask: Tensor | None) -> Tensor:
+    """The mean of ``centres`` [b, n, d] over each point's group ``labels`` [b, n], [b, n, d]
+    (0 at padded points)."""
+    k = int(labels.max()) + 1 if labels.numel() else 1
+    member = torch.nn.functional.one_hot(labels, k).to(centres.dtype)  # [b, n, k]
+    if mask is not None:
+        member = member * mask.unsqueeze(-1).to(centres.dtype)
+    sums = member.transpose(1, 2) @ centres  # [b, k, d]
+    means = sums / member.sum(1).clamp_min(1).unsqueeze(-1)
+    return member @ means

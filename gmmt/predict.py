@@ -37,6 +37,7 @@ EPILOG = """\
 examples:
   python -m gmmt.predict runs/quick_test-20250101-120000 points.csv
   python -m gmmt.predict runs/my_run/best points.npy --out groups.csv --plot groups.png
+  python -m gmmt.predict runs/my_run points.csv --refine 20
 """
 
 
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "each group's centre marked")
     p.add_argument("--bandwidth", type=float, default=0.5, metavar="B",
                    help="grouping kernel width in units of the estimated noise (default: 0.5)")
+    p.add_argument("--refine", type=int, metavar="ITERATIONS",
+                   help="refine the centres by at most ITERATIONS tied-variance EM iterations "
+                        "started from the model's clusters and K; 0: the model's raw "
+                        "predictions (default: as the run's model.refinement says)")
     p.add_argument("--device", default="cpu",
                    help="cpu (default), cuda, cuda:N or auto")
     return p
@@ -207,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         points = read_points(args.points)
         result = predict_points(args.model, points, device=args.device,
-                                bandwidth=args.bandwidth)
+                                bandwidth=args.bandwidth, refine=args.refine)
         write_outputs(points, result, args.out, args.plot)
     except (InputError, ValueError, FileNotFoundError, ConfigError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -216,7 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    print(f"{PROG}: {result.k_hat} group(s) (K-hat) among {len(points)} points", file=sys.stderr)
+    how = (f", refined by up to {result.refine_iterations} EM iterations"
+           if result.refine_iterations else "")
+    print(f"{PROG}: {result.k_hat} group(s) (K-hat) among {len(points)} points{how}",
+          file=sys.stderr)
     return 0
 
 

@@ -253,13 +253,13 @@ def dry_run(config: ExperimentConfig, allow_slow: bool = False) -> list[str]:
         type="fixed", value=8)), config.device.seed).batch(0, 2)
     try:
         with torch.device("meta"):
-            model = build_model(config.model, config.data.dim)
+            model = build_model(config.model, config.data.dim, config.data.max_clusters)
             out = model(batch.points.to("meta"), None if batch.mask is None else
                         batch.mask.to("meta"), batch.snr_db.to("meta"))
     except (RuntimeError, NotImplementedError):  # an op without a meta kernel (autocast off)
         with torch.no_grad():
-            out = build_model(config.model, config.data.dim)(batch.points, batch.mask,
-                                                              batch.snr_db)
+            model = build_model(config.model, config.data.dim, config.data.max_clusters)
+            out = model(batch.points, batch.mask, batch.snr_db)
     return [*lines, f"dry run: config valid; a batch of 2 sets of 8 points -> output "
                     f"{tuple(out.shape)}; the step time is measured when the run starts."]
 

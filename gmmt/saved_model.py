@@ -95,7 +95,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
     if not (folder / MODEL_FILE).is_file():
         raise FileNotFoundError(f"no {MODEL_FILE} in {folder} (expected a final/ or best/ folder)")
     config = ExperimentConfig.load(folder / CONFIG_FILE)
-    model = build_model(config.model, config.data.dim)
+    model = build_model(config.model, config.data.dim, config.data.max_clusters)
     file = folder / MODEL_FILE
     try:
         weights = load_file(str(file))

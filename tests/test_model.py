@@ -176,10 +176,12 @@ def test_padded_points_do_not_change_real_points(attention: str, principal_axes:
     mask = torch.zeros(3, 9, dtype=torch.bool)
     mask[0], mask[1, :5] = True, True
 
-    out, snr = model.forward_with_aux(points, mask)
+    out, aux = model.forward_with_aux(points, mask)
+    snr = aux.snr_db
     assert torch.isfinite(out).all() and torch.isfinite(snr).all()
     ref_full, ref_snr_full = model.forward_with_aux(full)
     ref_short, ref_snr_short = model.forward_with_aux(short)
+    ref_snr_full, ref_snr_short = ref_snr_full.snr_db, ref_snr_short.snr_db
     assert torch.allclose(out[0], ref_full[0], atol=1e-10)
     assert torch.allclose(out[1, :5], ref_short[0], atol=1e-10)
     assert torch.allclose(snr[:2], torch.cat([ref_snr_full, ref_snr_short]), atol=1e-10)
@@ -215,7 +217,8 @@ def test_every_repetition_and_flow_runs_forward_and_backward(repetition: str, fl
     model = randomized(model).train()
     x = sets().requires_grad_(False)
     snr_db = torch.tensor([5.0, 20.0], dtype=torch.float64)
-    out, snr_est = model.forward_with_aux(x, snr_db=snr_db)
+    out, aux = model.forward_with_aux(x, snr_db=snr_db)
+    snr_est = aux.snr_db
     assert out.shape == x.shape
     estimated = FLOWS[flow].enabled and FLOWS[flow].snr_source == "estimated"
     assert (snr_est is not None) == estimated
@@ -429,7 +432,7 @@ def test_every_packaged_model_preset_builds() -> None:
     counts = {}
     for name in names:
         config = resolve_config("quick_test", model=name).config
-        model = build_model(config.model, config.data.dim)
+        model = build_model(config.model, config.data.dim, config.data.max_clusters)
         counts[name] = count_parameters(model)
         if name.startswith(("tiny", "small")):
             x = torch.randn(2, 16, config.data.dim)

@@ -251,23 +251,32 @@ VARIANT_FEATURES: dict[str, tuple[Callable[[torch.nn.Module], bool], str]] = {
     "small_flow": (lambda m: m.flow is not None and m.flow.snr_source == "estimated", "flow."),
     "small_rf": (lambda m: m.blocks[0].attn.kind == "random_feature", "blocks.0.attn.qkv."),
     "orthogonal": (lambda m: hasattr(m.codec, "basis"), "codec.gain"),
+    "count_head": (lambda m: m.count_head is not None and m.max_components == 4, "count_head."),
 }
+# Variants that are settings of the small model rather than presets.
+VARIANT_SETTINGS = {"orthogonal": ["model.encoder=orthogonal"],
+                    "count_head": ["model.count_head.enabled=true",
+                                   "model.refinement.enabled=true",
+                                   'validation.metrics=["mse", "k_accuracy"]']}
 MODEL_SIZES = ("tiny", "small", "medium", "large")
 
 
 def test_every_model_variant_preset_is_covered() -> None:
     variants = set(PresetStore().names("model")) - set(MODEL_SIZES)
-    assert variants == set(VARIANT_FEATURES) - {"orthogonal"}, (
+    assert variants == set(VARIANT_FEATURES) - set(VARIANT_SETTINGS), (
         "a model preset that is neither a size nor a variant tested below")
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANT_FEATURES))
 def test_model_variant_trains_saves_and_reloads(tmp_path: Path, variant: str) -> None:
-    extra = ["model.encoder=orthogonal"] if variant == "orthogonal" else []
+    extra = VARIANT_SETTINGS.get(variant, [])
     config = small_config(tmp_path, "training.loss.target=labelled_posterior_mean", *extra,
                           model="small" if extra else variant)
     summary = ExperimentManager(config).run()
     assert summary["steps"] == 4 and 0 < summary["model"]["mse"] < float("inf")
+    if variant == "count_head":  # validation scored its K and the refined model
+        assert 0 <= summary["model"]["k_accuracy"] <= 1
+        assert {"refined", "refined_told_k"} <= set(summary["baselines"])
     run = only_run(tmp_path)
     model = gmmt.load_model(run / "final")
     is_variant, own_weights = VARIANT_FEATURES[variant]

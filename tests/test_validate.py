@@ -215,7 +215,7 @@ def test_baseline_cache_gives_identical_sums_without_recomputing(monkeypatch) ->
     cfg = resolve_config("quick_test", validation="comprehensive", overrides=[
         'data.sample_count_distribution={"type": "fixed", "value": 40}']).config
     bank = validation_bank(cfg.data, 0, 8, 4)
-    model = build_model(cfg.model, cfg.data.dim)
+    model = build_model(cfg.model, cfg.data.dim, cfg.data.max_clusters)
     fresh = validate.validation_sums(model, bank, cfg.validation, cfg.data, 0)
     cache: dict = {}
     first = validate.validation_sums(model, bank, cfg.validation, cfg.data, 0, cache)

@@ -148,6 +148,38 @@ class PredictionConfig:
 
 
 @config_class
+class CountHeadConfig:
+    """A set-level head that predicts how many clusters the set holds, P(K | points) over
+    K = 1..K_max (K_max is the data prior's largest K), trained by cross-entropy against the
+    true K next to the centre loss."""
+
+    enabled: bool = setting(False, "add the head (its K is the model's answer to 'how many "
+                            "clusters'; without it K comes from grouping the predictions)")
+    hidden_dim: int = setting(64, "width of the head's per-point and set-level layers", positive)
+    loss_weight: float = setting(
+        0.02, "weight of the cross-entropy next to the centre loss (the centre loss under the "
+        "default noise_var normalisation ends near 0.005 on the simple prior; the "
+        "cross-entropy near 0.1-0.2)", non_negative)
+
+
+@config_class
+class RefinementConfig:
+    """Amortized + refined inference: tied-variance EM on the points, started from the model's
+    clusters, returns each point's posterior-mean centre under the fitted mixture.
+
+    Not told K, the refinement uses the model's K (the count head's most probable K, else the
+    number of groups in its predictions); told K, the true one. Either way the start is the
+    model's predictions clustered into K groups.
+    """
+
+    enabled: bool = setting(
+        False, "score the refined centres beside the raw ones in validation and gmmt.evaluate "
+        "(methods 'refined' and 'refined_told_k'), and return them from gmmt.predict")
+    iterations: int = setting(20, "EM iterations at most (a set stops earlier once its "
+                              "log-likelihood per point gains less than 1e-6)", positive)
+
+
+@config_class
 class ModelConfig:
     """The GMM transformer. Its input dimension comes from ``data.dim`` (derived, not set)."""
 
@@ -155,4 +187,8 @@ class ModelConfig:
         "linear", "linear: independent in/out maps; orthogonal: a tied orthogonal pair")
     transformer: TransformerConfig = setting(doc="the block stack", factory=TransformerConfig)
     prediction: PredictionConfig = setting(doc="prediction target", factory=PredictionConfig)
+    count_head: CountHeadConfig = setting(doc="predicting the number of clusters",
+                                          factory=CountHeadConfig)
+    refinement: RefinementConfig = setting(doc="amortized + refined inference",
+                                           factory=RefinementConfig)
 

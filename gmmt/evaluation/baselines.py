@@ -58,7 +58,8 @@ class BaselineResult:
     """A baseline's answer for every point."""
 
     centres: Tensor  # [b, n, d] predicted centre of each point (zero on padded points)
-    assignments: Tensor  # [b, n] long, component of each point (0 on padded points)
+    # [b, n] long, component of each point (0 on padded points); None where not computed
+    assignments: Tensor | None
     k_hat: Tensor | None = None  # [b] long, the number of clusters, where the method chose it
     unconverged: Tensor | None = None  # [b] bool, where the method checks its own convergence
 

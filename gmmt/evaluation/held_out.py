@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from gmmt.config.converter import check, structure, unstructure
 from gmmt.config.data import DataConfig
 from gmmt.config.experiment import ExperimentConfig
+from gmmt.config.model import RefinementConfig
 from gmmt.config.presets import PresetStore, preset_dirs
 from gmmt.config.validation import (
     DERIVED_METRICS,
@@ -117,15 +118,16 @@ def evaluation_config(saved: ExperimentConfig, num_sets: int, batch_size: int,
 
 
 def score_held_out(model: torch.nn.Module, data: DataConfig, config: ValidationConfig,
-                   seed: int, device: torch.device, progress: bool = True
-                   ) -> tuple[Results, GMMBatch]:
-    """Scores of the model and baselines on the held-out bank, and the bank's first batch.
+                   seed: int, device: torch.device, progress: bool = True,
+                   refinement: RefinementConfig | None = None) -> tuple[Results, GMMBatch]:
+    """Scores of the model (and, with ``refinement`` enabled, the refined model) and the
+    baselines on the held-out bank, and the bank's first batch.
 
     Batches are drawn one at a time (a large bank never sits in memory at once) from the
     ``"evaluation"`` stream; each batch's baselines get their own seed.
     """
     sampler = GMMSampler(data, seed, device)
-    shape = layout(config, data)
+    shape = layout(config, data, refinement is not None and refinement.enabled)
     totals = torch.zeros(shape.shape, dtype=torch.float64)
     starts = range(0, config.num_sets, config.batch_size)
     first = None
@@ -142,7 +144,8 @@ def score_held_out(model: torch.nn.Module, data: DataConfig, config: ValidationC
         batch = sampler.batch(i, size, rank=0, stream=EVALUATION_STREAM)
         first = batch if first is None else first
         totals += validation_sums(model, [batch], config, data,
-                                  derive_seed(seed, EVALUATION_STREAM + "-baselines", 0, i)).cpu()
+                                  derive_seed(seed, EVALUATION_STREAM + "-baselines", 0, i),
+                                  refinement=refinement).cpu()
         now = time.time()
         if lines and (i == 0 or i + 1 == len(starts) or now - last >= PROGRESS_EVERY_S):
             last = now
@@ -171,7 +174,8 @@ def evaluate_saved_model(path: str | Path, *, data_preset: str | None = None,
                          num_sets: int = 1024, batch_size: int = 32, seed: int | None = None,
                          baselines: Sequence[str] = ALL_BASELINES, device: str = "auto",
                          out: str | Path | None = None, config_dirs: Sequence[str] = (),
-                         progress: bool = True) -> tuple[dict[str, Any], Path]:
+                         progress: bool = True, refine_iterations: int | None = None
+                         ) -> tuple[dict[str, Any], Path]:
     """Score a saved model and write evaluation.json, evaluation.md and plots.
 
     Args:
@@ -183,6 +187,9 @@ def evaluate_saved_model(path: str | Path, *, data_preset: str | None = None,
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         out: output folder (default: ``RUN_DIR/evaluation/<data preset>[-best]/``).
         config_dirs: extra preset folders, as ``gmmt.run --config-dir``.
+        refine_iterations: also score the model refined by EM from its clusters
+            (``refined``, ``refined_told_k``) with at most this many iterations; 0 scores the
+            raw model only; ``None``: as the run's ``model.refinement`` says.
 
     Returns:
         The result written to evaluation.json and the output folder.
@@ -193,6 +200,9 @@ def evaluate_saved_model(path: str | Path, *, data_preset: str | None = None,
     if num_sets < 1 or batch_size < 1:
         raise EvaluationError(f"--num-sets and --batch-size must be >= 1, got "
                               f"{num_sets} and {batch_size}")
+    if refine_iterations is not None and refine_iterations < 0:
+        raise EvaluationError(f"--refine must be >= 0 (0: no refinement), got "
+                              f"{refine_iterations}")
     folder = find_model_folder(Path(path))
     saved = ExperimentConfig.load(folder / CONFIG_FILE)
     data = preset_data(data_preset, config_dirs) if data_preset else saved.data
@@ -214,7 +224,12 @@ def evaluate_saved_model(path: str | Path, *, data_preset: str | None = None,
     out = Path(out) if out else default_out
 
     model = load_model(folder, torch_device)
-    results, first = score_held_out(model, data, config, seed, torch_device, progress)
+    refinement = saved.model.refinement
+    if refine_iterations is not None:
+        refinement = RefinementConfig(enabled=refine_iterations > 0,
+                                      iterations=max(refine_iterations, 1))
+    results, first = score_held_out(model, data, config, seed, torch_device, progress,
+                                    refinement)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = run_dir / "metrics.jsonl"
     plots = draw_plots(config, out, model, first, results,
@@ -223,6 +238,7 @@ def evaluate_saved_model(path: str | Path, *, data_preset: str | None = None,
         "model_path": str(folder), "data_preset": label, "data": unstructure(data),
         "num_sets": num_sets, "batch_size": batch_size, "seed": seed,
         "stream": EVALUATION_STREAM, "device": str(torch_device),
+        "refine_iterations": refinement.iterations if refinement.enabled else 0,
         **results.to_json(),
         "plots": sorted(p.name for p in plots.values()),
     }

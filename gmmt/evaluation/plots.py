@@ -32,10 +32,11 @@ PLOT_FILES = {
 # One colour per baseline in every figure, so a legend read once holds for all of them.
 BASELINE_COLOURS = {"identity": "tab:gray", "oracle": "tab:green", "bayes": "tab:red",
                     "em_tied": "tab:purple", "em": "tab:blue", "em_bic": "tab:cyan",
-                    "kmeans": "tab:orange"}
+                    "kmeans": "tab:orange", "refined": "tab:brown", "refined_told_k": "tab:olive"}
 # Legend names that say what a yardstick knows.
 LEGEND_NAMES = {"oracle": "oracle (knows the parameters)", "bayes": "bayes (the floor)",
-                "em_bic": "em_bic (chooses K)"}
+                "em_bic": "em_bic (chooses K)", "refined": "model + EM (its own K)",
+                "refined_told_k": "model + EM (told K)"}
 DPI = 110
 FONT = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "legend.fontsize": 9}
 

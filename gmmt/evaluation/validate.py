@@ -5,6 +5,10 @@ sets and one column per (method, metric) after a first column of set counts (its
 :class:`Layout`), so a trainer can all-reduce it across processes and only then average it
 into nested :class:`~gmmt.evaluation.results.Results` (:func:`summarise`).
 
+Methods: the model (its raw predictions); with ``refinement`` (``model.refinement.enabled``)
+the model refined by EM from its own clusters, with its own K (``refined``) and with the true K
+(``refined_told_k``), see :mod:`gmmt.evaluation.refine`; then the configured baselines.
+
 Groups: all sets; with ``breakdown.by_snr`` equal-width SNR bins over the data prior's support;
 with ``breakdown.by_k`` every K the prior can draw; with ``breakdown.by_separation`` bins of the
 distance between the set's two closest centres in noise stds (0-3, 3-6, 6-12, 12+).
@@ -12,7 +16,8 @@ distance between the set's two closest centres in noise stds (0-3, 3-6, 6-12, 12
 ``mse_over_noise`` is the per-set MSE / sigma^2 averaged over sets. ``ari`` / ``nmi`` score a
 clustering: the model's own (its predictions grouped without K, :mod:`gmmt.evaluation.grouping`)
 and each baseline's assignments. ``k_accuracy`` is the share of sets whose K was found, for the
-methods that choose K (the model's grouping, ``em_bic``). ``induced_ari`` / ``induced_nmi`` (the
+methods that choose K: the model (its count head's most probable K, else the number of groups of
+its predictions), ``refined`` (the model's K) and ``em_bic``. ``induced_ari`` / ``induced_nmi`` (the
 model only) score the clusters the TRUE centres induce on the predictions (each prediction's
 nearest true centre): they use the truth and are not a clustering. ``unconverged`` (``bayes``
 only) is the share of sets whose Gibbs chains disagree.
@@ -28,6 +33,7 @@ from attrs import define
 from torch import nn
 
 from gmmt.config.data import DataConfig
+from gmmt.config.model import RefinementConfig
 from gmmt.config.validation import DERIVED_METRICS, ValidationConfig
 from gmmt.data.batch import GMMBatch
 from gmmt.data.gmm import derive_seed, make_generator
@@ -50,10 +56,13 @@ from gmmt.evaluation.metrics import (
     snr_bin_labels,
     snr_bins,
 )
+from gmmt.evaluation.refine import refine, refine_unknown_k, run_model
 from gmmt.evaluation.results import MODEL, Results, Scores
 
-# Baselines that choose K themselves; the others are told it.
-CHOOSES_K = (MODEL, "em_bic")
+# The model refined by EM from its clusters: with its own K, and told the true K.
+REFINED = ("refined", "refined_told_k")
+# Methods that choose K themselves; the others are told it.
+CHOOSES_K = (MODEL, "refined", "em_bic")
 
 
 def _applies(method: str, metric: str) -> bool:
@@ -99,8 +108,9 @@ class Layout:
         return [m for m in self.metrics if _applies(method, m)]
 
 
-def layout(config: ValidationConfig, data: DataConfig) -> Layout:
-    """The sum matrix of ``config`` on sets drawn from ``data`` (which sets the bins)."""
+def layout(config: ValidationConfig, data: DataConfig, refined: bool = False) -> Layout:
+    """The sum matrix of ``config`` on sets drawn from ``data`` (which sets the bins); with
+    ``refined``, the refined model's two methods (REFINED) follow the model."""
     groups = [("all", "")]
     if config.breakdown.by_snr:
         edges = snr_bins(data.snr_db_params, config.breakdown.snr_bins)
@@ -115,7 +125,8 @@ def layout(config: ValidationConfig, data: DataConfig) -> Layout:
         metrics.insert(0, "mse")
     if "bayes" in config.baselines:
         metrics.append("unconverged")
-    return Layout(tuple(groups), (MODEL, *config.baselines), tuple(metrics))
+    methods = (MODEL, *(REFINED if refined else ()), *config.baselines)
+    return Layout(tuple(groups), methods, tuple(metrics))
 
 
 def _bin_index(kind: str, batch: GMMBatch, config: ValidationConfig,
@@ -141,20 +152,27 @@ def _membership(batch: GMMBatch, shape: Layout, config: ValidationConfig,
     return torch.cat(rows)
 
 
-def _scores(pred: torch.Tensor, result: BaselineResult | None, batch: GMMBatch,
-            metrics: list[str]) -> list[torch.Tensor]:
-    """Each metric of ``metrics`` for every set of ``batch``, [b] float64 each.
-
-    ``result`` is a baseline's answer (its assignments, K and convergence), or None for the
-    model, whose clustering is its own grouping of ``pred``.
-    """
-    sigma2 = batch.sigma.double().square()
-    out: dict[str, torch.Tensor] = {}
-    if result is None and {"ari", "nmi", "k_accuracy"} & set(metrics):
+def _model_result(pred: torch.Tensor, count_probabilities: torch.Tensor | None,
+                  batch: GMMBatch, metrics: list[str]) -> BaselineResult:
+    """The model's answer as a method's: its predictions, its own clustering (the grouping of
+    its predictions, computed only when a metric needs it) and its K (the count head's most
+    probable K, else the number of groups)."""
+    assignments = k_hat = None
+    if {"ari", "nmi"} & set(metrics) or ("k_accuracy" in metrics
+                                         and count_probabilities is None):
         grouping = group_predictions(pred, batch.points, batch.mask)
         assignments, k_hat = grouping.labels, grouping.k_hat
-    elif result is not None:
-        assignments, k_hat = result.assignments, result.k_hat
+    if count_probabilities is not None:
+        k_hat = count_probabilities.argmax(-1) + 1
+    return BaselineResult(pred, assignments, k_hat)
+
+
+def _scores(result: BaselineResult, batch: GMMBatch, metrics: list[str]) -> list[torch.Tensor]:
+    """Each metric of ``metrics`` for every set of ``batch``, [b] float64 each, from a
+    method's answer (its centres, assignments, K and convergence)."""
+    sigma2 = batch.sigma.double().square()
+    out: dict[str, torch.Tensor] = {}
+    pred, assignments, k_hat = result.centres, result.assignments, result.k_hat
     if "mse" in metrics or "mse_over_noise" in metrics:
         mse = centre_mse_per_set(pred, batch.target, batch.mask)
         out["mse"], out["mse_over_noise"] = mse, mse / sigma2
@@ -189,8 +207,8 @@ def baseline_generator(seed: int, name: str, batch_index: int,
 @torch.no_grad()
 def validation_sums(model: nn.Module, batches: list[GMMBatch], config: ValidationConfig,
                     data: DataConfig, generator_seed: int = 0,
-                    baseline_cache: dict[tuple[int, str], list[torch.Tensor]] | None = None
-                    ) -> torch.Tensor:
+                    baseline_cache: dict[tuple[int, str], list[torch.Tensor]] | None = None,
+                    refinement: RefinementConfig | None = None) -> torch.Tensor:
     """Per-metric sums over every set of ``batches``, float64 [groups, columns] laid out as
     :func:`layout` says (groups without sets hold 0), on the batches' device.
 
@@ -204,24 +222,39 @@ def validation_sums(model: nn.Module, batches: list[GMMBatch], config: Validatio
         baseline_cache: a dict kept by the caller across calls on the SAME ``batches`` (a
             fixed validation bank): baseline scores are computed once and reused, since they do
             not depend on the model.
+        refinement: when enabled, the refined model is scored too (REFINED).
     """
-    shape = layout(config, data)
+    refined = refinement is not None and refinement.enabled
+    shape = layout(config, data, refined)
     device = batches[0].points.device if batches else torch.device("cpu")
     totals = torch.zeros(shape.shape, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     try:
         for index, batch in enumerate(batches):
-            pred = model(batch.points, batch.mask, batch.snr_db)
+            pred, count_probabilities = run_model(model, batch.points, batch.mask,
+                                                  batch.snr_db)
             columns = [torch.ones(batch.num_sets, dtype=torch.float64, device=device)]
-            columns += _scores(pred, None, batch, shape.method_metrics(MODEL))
+            own = _model_result(pred, count_probabilities, batch,
+                                shape.method_metrics(MODEL) + ["k_accuracy"] * refined)
+            columns += _scores(own, batch, shape.method_metrics(MODEL))
+            if refined:
+                iterations = refinement.iterations
+                seeds = [baseline_generator(generator_seed, name, index, device)
+                         for name in REFINED]
+                results = (refine_unknown_k(batch.points, pred, count_probabilities, batch.mask,
+                                            iterations=iterations, generator=seeds[0]),
+                           refine(batch.points, pred, batch.k, batch.mask,
+                                  iterations=iterations, generator=seeds[1]))
+                for name, result in zip(REFINED, results):
+                    columns += _scores(result, batch, shape.method_metrics(name))
             for name in config.baselines:
                 scores = None if baseline_cache is None else baseline_cache.get((index, name))
                 if scores is None:
                     result = run_baseline(name, batch, config.em,
                                           baseline_generator(generator_seed, name, index, device),
                                           config.bayes)
-                    scores = _scores(result.centres, result, batch, shape.method_metrics(name))
+                    scores = _scores(result, batch, shape.method_metrics(name))
                     if baseline_cache is not None:
                         baseline_cache[(index, name)] = scores
                 columns += scores

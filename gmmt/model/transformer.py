@@ -10,14 +10,14 @@ bool (True = real point) or ``None`` when every set is full.
 """
 
 import math
-from typing import Literal, overload
+from typing import Literal, NamedTuple, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from gmmt.config.model import ModelConfig, TransformerConfig
+from gmmt.config.model import CountHeadConfig, ModelConfig, TransformerConfig
 from gmmt.model.attention import SetAttention
 from gmmt.model.flow import FlowSpeed
 from gmmt.model.sets import (
@@ -103,10 +103,44 @@ class OrthogonalCodec(nn.Module):
         return F.linear(h * self.gain, self.basis.weight.T, self.bias)
 
 
+class CountHead(nn.Module):
+    """Logits of P(K | points) over K = 1..K_max, [b, K_max], from the final hidden states.
+
+    A Deep Sets readout: a per-point MLP, then the masked mean and max over the set's points,
+    then an MLP on the pooled vector. It is invariant to the order of the points.
+    """
+
+    def __init__(self, config: CountHeadConfig, dim: int, max_components: int) -> None:
+        super().__init__()
+        width = config.hidden_dim
+        self.point = nn.Sequential(nn.Linear(dim, width), nn.GELU())
+        self.set = nn.Sequential(nn.Linear(2 * width, width), nn.GELU(),
+                                 nn.Linear(width, max_components))
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """h [b, n, D] -> logits [b, K_max]."""
+        f = self.point(h)  # [b, n, H]
+        if mask is None:
+            mean, top = f.mean(1), f.amax(1)
+        else:
+            real = mask.unsqueeze(-1)
+            mean = f.masked_fill(~real, 0.0).sum(1) / real.sum(1).clamp_min(1)
+            top = f.masked_fill(~real, -torch.inf).amax(1).clamp_min(-1e4)
+        return self.set(torch.cat([mean, top], -1))
+
+
+class ModelAux(NamedTuple):
+    """What the model says besides the centres (each ``None`` when that part is off)."""
+
+    snr_db: torch.Tensor | None  # [b], the flow's estimate of the set's SNR
+    count_logits: torch.Tensor | None  # [b, K_max], logits of P(K | points), K = 1..K_max
+
+
 class GMMTransformer(nn.Module):
     """Maps a batch of sets [b, n, d] to the predicted centre of every point [b, n, d]."""
 
-    def __init__(self, config: ModelConfig, input_dim: int) -> None:
+    def __init__(self, config: ModelConfig, input_dim: int,
+                 max_components: int | None = None) -> None:
         super().__init__()
         t = config.transformer
         self.config = config
@@ -125,6 +159,13 @@ class GMMTransformer(nn.Module):
         self.smoothing = OutputSmoothing(bandwidth) if bandwidth > 0 else None
         self.flow = (FlowSpeed(t.flow, input_dim, t.num_layers, self.schedule)
                      if t.flow.enabled else None)
+        self.max_components = max_components
+        if config.count_head.enabled:
+            if max_components is None or max_components < 1:
+                raise ValueError("the count head needs max_components (the prior's K_max)")
+            self.count_head = CountHead(config.count_head, t.hidden_dim, max_components)
+        else:
+            self.count_head = None
         # GPT-2 style: shrink the residual-branch outputs with the effective depth, so the
         # residual stream's variance at init does not grow with the number of block runs.
         std = 0.02 / math.sqrt(2 * len(self.schedule))
@@ -141,16 +182,16 @@ class GMMTransformer(nn.Module):
     @overload
     def forward(self, points: torch.Tensor, mask: torch.Tensor | None = ...,
                 snr_db: torch.Tensor | None = ..., *,
-                return_aux: Literal[True]) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+                return_aux: Literal[True]) -> tuple[torch.Tensor, ModelAux]: ...
 
     def forward(self, points: torch.Tensor, mask: torch.Tensor | None = None,
                 snr_db: torch.Tensor | None = None, *, return_aux: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+                ) -> torch.Tensor | tuple[torch.Tensor, ModelAux]:
         """Predicted centre of every point, [b, n, d] (0 at padded points).
 
         ``mask`` [b, n] bool marks real points (``None``: all real). ``snr_db`` [b] is required
         when the flow speed reads the true SNR, ignored otherwise. With ``return_aux=True``
-        returns ``(prediction, estimated snr_db [b] or None)``; call it this way (rather than
+        returns ``(prediction, ModelAux)``; call it this way (rather than
         :meth:`forward_with_aux`) through a DDP/Accelerate wrapper.
         """
         self._check_inputs(points, mask)
@@ -164,7 +205,9 @@ class GMMTransformer(nn.Module):
         h = self.codec.encode(z)  # [b, n, D]
         for i in self.schedule:
             h = self.blocks[i](h, mask, None if speeds is None else speeds[:, i])
-        out = self.codec.decode(self.ln_f(h))  # [b, n, d]
+        h = self.ln_f(h)
+        count_logits = None if self.count_head is None else self.count_head(h, mask)
+        out = self.codec.decode(h)  # [b, n, d]
         if self.residual:
             out = z + out
         if self.smoothing is not None:
@@ -174,14 +217,25 @@ class GMMTransformer(nn.Module):
                 out = from_principal_axes(out, frame)
             out = denormalize_set(out, mean, scale)
         out = zero_padding(out, mask)
-        return (out, snr_estimate) if return_aux else out
+        return (out, ModelAux(snr_estimate, count_logits)) if return_aux else out
 
     def forward_with_aux(self, points: torch.Tensor, mask: torch.Tensor | None = None,
                          snr_db: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(prediction [b, n, d], estimated snr_db [b])``; the estimate is ``None`` unless
-        the flow is enabled with ``snr_source = "estimated"`` (for the auxiliary loss)."""
+                         ) -> tuple[torch.Tensor, ModelAux]:
+        """``(prediction [b, n, d], ModelAux)``: the SNR estimate is ``None`` unless the flow
+        is enabled with ``snr_source = "estimated"``; the count logits are ``None`` unless the
+        count head is enabled."""
         return self(points, mask, snr_db, return_aux=True)
+
+    @torch.no_grad()
+    def count_probabilities(self, points: torch.Tensor, mask: torch.Tensor | None = None
+                            ) -> torch.Tensor | None:
+        """P(K | points) over K = 1..K_max, [b, K_max] float32 (``None`` without a count
+        head)."""
+        if self.count_head is None:
+            return None
+        logits = self(points, mask, return_aux=True)[1].count_logits
+        return torch.softmax(logits.float(), -1)
 
     def _check_inputs(self, points: torch.Tensor, mask: torch.Tensor | None) -> None:
         if points.dim() != 3 or points.shape[-1] != self.input_dim:

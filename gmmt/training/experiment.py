@@ -54,7 +54,7 @@ from gmmt.training.checkpoint import (
     step_checkpoints,
     temporary_checkpoint_dir,
 )
-from gmmt.training.losses import compute_loss
+from gmmt.training.losses import compute_loss, count_loss
 from gmmt.training.optim import WeightEMA, build_optimizer, build_scheduler
 from gmmt.training.setup import (
     LOCKED_ON_RESUME,
@@ -205,7 +205,7 @@ class ExperimentManager:
         my_bank = bank if sharded else bank[acc.process_index::acc.num_processes]
 
         # (3) model, (4) optimizer, schedule, EMA.
-        raw_model = build_model(cfg.model, cfg.data.dim).to(acc.device)
+        raw_model = build_model(cfg.model, cfg.data.dim, cfg.data.max_clusters).to(acc.device)
         num_params = count_parameters(raw_model)
         if acc.is_main_process:
             log.info("%s", banner(cfg, run_dir, device=str(acc.device),
@@ -369,20 +369,22 @@ class ExperimentManager:
         tcfg, acc, state = s.cfg.training, s.acc, s.state
         flow = s.cfg.model.transformer.flow
         aux_weight = flow.aux_loss_weight if flow.enabled else 0.0
+        count_weight = s.cfg.model.count_head.loss_weight
         accum = tcfg.gradient_accumulation_steps
         step = state["step"]
         for micro in range(accum):
             sampler = s.curriculum_sampler if tcfg.curriculum.covers(step) else s.sampler
             batch = sampler.batch(step * accum + micro, tcfg.batch_size, acc.process_index)
             with nullcontext() if micro == accum - 1 else acc.no_sync(s.model):
-                pred, snr_estimate = s.model(batch.points, batch.mask, batch.snr_db,
-                                             return_aux=True)
+                pred, aux = s.model(batch.points, batch.mask, batch.snr_db, return_aux=True)
                 loss = compute_loss(tcfg.loss, pred, batch)
-                # Always include the estimate (even at weight 0): the estimator would otherwise
+                # Always include the heads' losses (even at weight 0): a head would otherwise
                 # get no gradient, and DDP rejects unused parameters.
-                if snr_estimate is not None:
-                    error = (snr_estimate.float() - batch.snr_db) / flow.snr_scale_db
+                if aux.snr_db is not None:
+                    error = (aux.snr_db.float() - batch.snr_db) / flow.snr_scale_db
                     loss = loss + aux_weight * error.square().mean()
+                if aux.count_logits is not None:
+                    loss = loss + count_weight * count_loss(aux.count_logits, batch.k)
                 if self.loss_hook is not None:
                     loss = self.loss_hook(step, loss)
                 acc.backward(loss / accum)
@@ -516,11 +518,12 @@ class ExperimentManager:
         cfg, acc, state = s.cfg, s.acc, s.state
         eval_model = self._eval_model(s)
         # Baselines do not depend on the model: they are scored once on the fixed bank.
+        refinement = cfg.model.refinement
         sums = validation_sums(eval_model, s.bank, cfg.validation, cfg.data, cfg.device.seed,
-                               s.baseline_cache).to(acc.device)
+                               s.baseline_cache, refinement).to(acc.device)
         if not s.sharded:  # each process scored its own share of the bank
             sums = acc.reduce(sums, "sum")
-        results = summarise(sums, layout(cfg.validation, cfg.data))
+        results = summarise(sums, layout(cfg.validation, cfg.data, refinement.enabled))
         s.trackers.log({f"val/{k}": v for k, v in results.flat().items()}, step)
         log.info("%s", validation_line(step, results))  # every key: metrics.jsonl
 

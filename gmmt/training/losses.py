@@ -19,6 +19,7 @@ from gmmt.data.batch import GMMBatch, safe_log
 
 __all__ = [
     "compute_loss",
+    "count_loss",
     "energy_distance_per_set",
     "loss_per_set",
     "mse_per_set",
@@ -254,3 +255,9 @@ def compute_loss(config: LossConfig, pred: Tensor, batch: GMMBatch) -> Tensor:
             pred = pred.float()
         per_set = normalize_per_set(config, loss_per_set(config, pred, batch), batch)
         return per_set.mean()
+
+
+def count_loss(logits: Tensor, k: Tensor) -> Tensor:
+    """Cross-entropy of the count head's logits [b, K_max] (K = 1..K_max) against the true
+    K [b], averaged over the sets, in float32."""
+    return torch.nn.functional.cross_entropy(logits.float(), k.to(logits.device) - 1)

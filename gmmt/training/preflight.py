@@ -112,7 +112,8 @@ def count_parameters_cheaply(config: ExperimentConfig) -> int:
     from gmmt.model.build import build_model, count_parameters
 
     with torch.device("meta"):
-        return count_parameters(build_model(config.model, config.data.dim))
+        return count_parameters(build_model(config.model, config.data.dim,
+                                            config.data.max_clusters))
 
 
 def memory_estimate(config: ExperimentConfig, parameters: int) -> MemoryEstimate:
@@ -179,7 +180,7 @@ def time_steps(config: ExperimentConfig) -> tuple[float, str]:
     from gmmt.training.optim import build_optimizer
 
     t = config.training
-    model = build_model(config.model, config.data.dim)
+    model = build_model(config.model, config.data.dim, config.data.max_clusters)
     optimizer = build_optimizer(model, t.optimizer)
     limit_s = (t.max_cpu_hours or math.inf) * 3600
 

@@ -1,0 +1,118 @@
+"""Amortized + refined inference: classical EM started where the model's answer points.
+
+The model's predictions give a set's clusters in one forward pass; a few iterations of
+tied-variance EM on the points, started there, turn them into a fitted mixture whose
+posterior-mean centres sum_k r_ik mu_k are the refined answer. EM from a good start needs no
+restarts, and its iterations are cheap next to the restarts a cold start needs.
+
+The start: the predictions clustered into K groups by k-means (they collapse onto their
+clusters' centres, so this is easy), then EM's usual first M-step on the points' nearest group.
+
+Which K:
+
+* told K (``refined_told_k``): the true K, as the classical yardsticks are told it;
+* not told K (``refined``, :func:`refine_unknown_k`): with a count head, the refined centres
+  of every K the head gives at least MIN_PROBABILITY, averaged with the head's probabilities,
+  an amortized E[mu | x] = sum_K P(K | x) E[mu | x, K]; without one, the number of groups in
+  the model's predictions (:func:`gmmt.evaluation.grouping.group_predictions`).
+
+Shape legend: b sets, n points, d dims, k components (K_max of the batch).
+"""
+
+import torch
+from torch import Tensor, nn
+
+from gmmt.evaluation.baselines import BaselineResult, fit_em, fit_kmeans
+from gmmt.evaluation.grouping import group_predictions
+
+# EM stops on a set once its mean log-likelihood per point gains less than this.
+TOLERANCE = 1e-6
+# Not told K, the K values refined for a set are its most probable one and any other the count
+# head gives at least this probability (the rest of the mass is spread over the kept ones).
+MIN_PROBABILITY = 0.01
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP / Accelerate wrapper (``module``), or the model itself."""
+    return getattr(model, "module", model)
+
+
+def has_count_head(model: nn.Module) -> bool:
+    """Whether the model answers P(K | points) (see ``gmmt.model.transformer.CountHead``)."""
+    return getattr(unwrap(model), "count_head", None) is not None
+
+
+def run_model(model: nn.Module, points: Tensor, mask: Tensor | None,
+              snr_db: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The predicted centres [b, n, d] and, with a count head, P(K | points) [b, K_max]
+    (K = 1..K_max; else ``None``)."""
+    if not has_count_head(model):
+        return model(points, mask, snr_db), None
+    pred, aux = model(points, mask, snr_db, return_aux=True)
+    return pred, torch.softmax(aux.count_logits.float(), -1)
+
+
+def model_k(pred: Tensor, points: Tensor, mask: Tensor | None,
+            count_probabilities: Tensor | None) -> Tensor:
+    """The model's K for every set, [b] long: the count head's most probable K when given,
+    else the number of groups of its predictions."""
+    if count_probabilities is not None:
+        return count_probabilities.argmax(-1) + 1
+    return group_predictions(pred.float(), points, mask).k_hat.clamp_min(1)
+
+
+@torch.no_grad()
+def refine(points: Tensor, pred: Tensor, k: Tensor, mask: Tensor | None = None, *,
+           iterations: int = 20, generator: torch.Generator | None = None) -> BaselineResult:
+    """Refined centres: tied-variance EM with ``k`` [b] components, started from the model's
+    predictions ``pred`` [b, n, d] clustered into ``k`` groups.
+
+    Args:
+        points [b, n, d]; pred [b, n, d]; k [b] long (>= 1); mask [b, n] bool or None.
+        iterations: EM iterations at most (a set stops once it gains less than TOLERANCE).
+        generator: seeds the k-means++ start of the clustering of the predictions.
+
+    Returns:
+        The posterior-mean centre of every point, argmax-responsibility assignments and
+        ``k_hat`` = ``k``.
+    """
+    k = k.to(torch.long).clamp_min(1)
+    groups = fit_kmeans(pred.to(points.dtype), k, mask, generator=generator)
+    fit = fit_em(points, k, mask, seeds=groups.centroids, max_iter=iterations, tol=TOLERANCE,
+                 tied=True)
+    result = fit.result(mask)
+    result.centres = result.centres.to(points.dtype)
+    result.k_hat = k
+    return result
+
+
+@torch.no_grad()
+def refine_unknown_k(points: Tensor, pred: Tensor, count_probabilities: Tensor | None,
+                     mask: Tensor | None = None, *, iterations: int = 20,
+                     generator: torch.Generator | None = None) -> BaselineResult:
+    """Refined centres when K is not told (module docstring): averaged over the count head's
+    likely K values [b, K_max], or with the grouping's K when ``count_probabilities`` is None.
+
+    The assignments and ``k_hat`` are those of the most probable K.
+    """
+    k_hat = model_k(pred, points, mask, count_probabilities)
+    if count_probabilities is None:
+        return refine(points, pred, k_hat, mask, iterations=iterations, generator=generator)
+    probs = count_probabilities.to(points.device)
+    kept = (probs >= MIN_PROBABILITY) | torch.nn.functional.one_hot(k_hat - 1, probs.shape[1]
+                                                                    ).bool()
+    weights = torch.where(kept, probs, 0.0)
+    weights = (weights / weights.sum(1, keepdim=True)).to(points.dtype)
+    centres = torch.zeros_like(points)
+    assignments = torch.zeros(points.shape[:2], dtype=torch.long, device=points.device)
+    for k in range(1, probs.shape[1] + 1):
+        sets = kept[:, k - 1].nonzero().squeeze(1)
+        if sets.numel() == 0:
+            continue
+        sub_mask = None if mask is None else mask[sets]
+        fit = refine(points[sets], pred[sets], torch.full_like(sets, k), sub_mask,
+                     iterations=iterations, generator=generator)
+        centres[sets] += weights[sets, k - 1].view(-1, 1, 1) * fit.centres
+        best = sets[k_hat[sets] == k]
+        assignments[best] = fit.assignments[k_hat[sets] == k]
+    return BaselineResult(centres, assignments, k_hat)
