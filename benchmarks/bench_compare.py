@@ -1,17 +1,21 @@
-"""Several trained models on one shared held-out bank, with bootstrap standard errors.
+"""Several trained models on one shared held-out bank, against the floor, with bootstrap SEs.
 
 ``bench_quality.py`` scores each run on held-out sets drawn with the run's own seed, so two
-seeds are also two banks, and the bank alone moves gap_closed by a few hundredths: a set where
-EM's restarts all miss a component counts for a lot. This script scores every run given on the
-*same* sets, next to EM (the true K, with the first run's validation EM settings) and the
-oracle, and resamples the sets (bootstrap) to give each gap_closed a standard error, and each
-run's difference from a reference run a paired one (the bank's noise cancels in a difference,
-so it is much smaller).
-The reference is the first run, or with ``--group-size G`` the first run of each group of G
-(e.g. one group per seed: the old and the new recipe trained with that seed).
+seeds are also two banks. This script scores every run given on the *same* sets (stream
+"comparison"), each run three ways: its raw predictions (``model``), refined by tied EM from its
+clusters with its own K (``refined``) and told the true K (``refined_told_k``); beside the Bayes
+floor (told K and sigma), tied-variance EM (told K), EM choosing K by BIC, EM and the oracle,
+with the first run's validation settings. It resamples the sets (bootstrap) to give:
+
+* each method's excess over the floor, MSE / MSE_bayes - 1, a standard error;
+* each method's difference from tied EM, MSE / MSE_em_tied - 1, a paired one (the bank's noise
+  largely cancels in a ratio on the same sets);
+* each raw model's gap_closed against EM and the oracle (older tables use it), and with
+  ``--group-size G`` its paired difference from the first run of its group of G.
 
 Usage: ``python benchmarks/bench_compare.py RUN_DIR [RUN_DIR ...] [--group-size G]
-[--num-sets 2048] [--seed 777] [--data-preset simple] [--bootstrap 2000] [--json]``
+[--num-sets 2048] [--seed 777] [--data-preset simple] [--refine 20] [--bootstrap 2000]
+[--json]``
 """
 
 import argparse
@@ -27,15 +31,19 @@ from tqdm.auto import tqdm
 from gmmt import load_model
 from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.fields import ConfigError
+from gmmt.data.batch import GMMBatch
 from gmmt.data.gmm import GMMSampler, make_generator
 from gmmt.evaluation.baselines import run_baseline
 from gmmt.evaluation.held_out import preset_data
 from gmmt.evaluation.metrics import centre_mse_per_set, gap_closed
+from gmmt.evaluation.refine import refine, refine_unknown_k, run_model
 
 EXIT_USAGE = 2
 # Its own stream: the bank shares no set with any run's training, validation or evaluation.
 COMPARISON_STREAM = "comparison"
 BATCH_SIZE = 32
+YARDSTICKS = ("bayes", "em_tied", "em_bic", "em", "oracle")
+RUN_METHODS = ("model", "refined", "refined_told_k")
 
 
 class UsageError(Exception):
@@ -43,7 +51,8 @@ class UsageError(Exception):
 
 
 def load_runs(runs: list[Path]) -> tuple[ExperimentConfig, list[torch.nn.Module]]:
-    """The first run's saved config (for the EM settings) and every run's final model."""
+    """The first run's saved config (for the yardsticks' settings) and every run's final
+    model."""
     models = []
     for run in runs:
         try:
@@ -55,53 +64,87 @@ def load_runs(runs: list[Path]) -> tuple[ExperimentConfig, list[torch.nn.Module]
 
 
 def per_set_errors(saved: ExperimentConfig, models: list[torch.nn.Module], data_preset: str,
-                   num_sets: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MSE per set of EM [s], the oracle [s] and every model [models, s] on one bank of
-    s = ``num_sets`` sets."""
+                   num_sets: int, seed: int, iterations: int
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """MSE per set of every yardstick ({name: [s]}) and of every run's methods
+    ([runs, RUN_METHODS, s]) on one bank of s = ``num_sets`` sets."""
     try:
         sampler = GMMSampler(preset_data(data_preset), seed)
     except (ConfigError, KeyError) as error:
         raise UsageError(str(error)) from None
-    em, oracle, model_errors = [], [], []
+    yardsticks: dict[str, list[torch.Tensor]] = {name: [] for name in YARDSTICKS}
+    runs: list[torch.Tensor] = []
     starts = range(0, num_sets, BATCH_SIZE)
     for step, start in enumerate(tqdm(starts, desc="sets", unit="batch", file=sys.stderr)):
         batch = sampler.batch(step, min(BATCH_SIZE, num_sets - start), stream=COMPARISON_STREAM)
-        for name, out in (("em", em), ("oracle", oracle)):
+
+        def error(centres: torch.Tensor, batch: GMMBatch = batch) -> torch.Tensor:
+            return centre_mse_per_set(centres, batch.target, batch.mask)
+
+        for name in YARDSTICKS:
             result = run_baseline(name, batch, saved.validation.em,
-                                  make_generator(seed + 7919 * step))
-            out.append(centre_mse_per_set(result.centres, batch.target, batch.mask))
-        with torch.no_grad():
-            model_errors.append(torch.stack([
-                centre_mse_per_set(model(batch.points, batch.mask), batch.target, batch.mask)
-                for model in models]))
-    return (torch.cat(em).double(), torch.cat(oracle).double(),
-            torch.cat(model_errors, dim=1).double())
+                                  make_generator(seed + 7919 * step), saved.validation.bayes)
+            yardsticks[name].append(error(result.centres))
+        rows = []
+        for model in models:
+            with torch.no_grad():
+                pred, probs = run_model(model, batch.points, batch.mask)
+            generator = make_generator(seed + 104729 * step)
+            own = refine_unknown_k(batch.points, pred, probs, batch.mask,
+                                   iterations=iterations, generator=generator)
+            told = refine(batch.points, pred, batch.k, batch.mask, iterations=iterations,
+                          generator=generator)
+            rows.append(torch.stack([error(pred), error(own.centres), error(told.centres)]))
+        runs.append(torch.stack(rows))
+    return ({name: torch.cat(v).double() for name, v in yardsticks.items()},
+            torch.cat(runs, dim=-1).double())
 
 
-def mean_gap(model: torch.Tensor, em: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
-    """gap_closed of the MSEs averaged over the last dimension (sets)."""
-    return gap_closed(model.mean(-1), em.mean(-1), oracle.mean(-1))
+def ratio_minus_one(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+    """MSE ratio - 1 of set-averaged errors (last dimension: sets)."""
+    return top.mean(-1) / bottom.mean(-1) - 1
 
 
-def compare(em: torch.Tensor, oracle: torch.Tensor, models: torch.Tensor, runs: list[str],
-            group_size: int, resamples: int) -> list[dict]:
-    """Per run: MSE, gap_closed and its bootstrap SE, and (for all but each group's first run)
-    the paired difference in gap_closed from its group's first run, with its SE."""
-    picks = torch.randint(0, em.numel(), (resamples, em.numel()),
-                          generator=torch.Generator().manual_seed(0))
-    gaps = mean_gap(models, em, oracle)  # [runs]
-    boots = mean_gap(models[:, picks], em[picks], oracle[picks])  # [runs, resamples]
+def compare(yardsticks: dict[str, torch.Tensor], runs: torch.Tensor, names: list[str],
+            group_size: int, resamples: int) -> dict:
+    """Every method's MSE, excess over the floor and difference from tied EM, each with a
+    bootstrap SE; each raw model's gap_closed and its paired difference from its group's first
+    run."""
+    sets = runs.shape[-1]
+    picks = torch.randint(0, sets, (resamples, sets), generator=torch.Generator().manual_seed(0))
+    bayes, tied = yardsticks["bayes"], yardsticks["em_tied"]
+
+    def scores(errors: torch.Tensor) -> dict[str, float]:
+        over_floor = ratio_minus_one(errors[..., picks], bayes[picks])
+        over_tied = ratio_minus_one(errors[..., picks], tied[picks])
+        return {"mse": errors.mean().item(),
+                "excess_over_bayes": ratio_minus_one(errors, bayes).item(),
+                "excess_over_bayes_se": over_floor.std().item(),
+                "minus_em_tied": ratio_minus_one(errors, tied).item(),
+                "minus_em_tied_se": over_tied.std().item()}
+
+    report = {"yardsticks": {name: scores(errors) for name, errors in yardsticks.items()}}
+    em, oracle = yardsticks["em"], yardsticks["oracle"]
+    gaps = gap_closed(runs[:, 0].mean(-1), em.mean(), oracle.mean())  # [runs]
+    boots = gap_closed(runs[:, 0][:, picks].mean(-1), em[picks].mean(-1),
+                       oracle[picks].mean(-1))  # [runs, resamples]
     rows = []
-    for i, run in enumerate(runs):
-        row = {"run": run, "mse": models[i].mean().item(), "gap_closed": gaps[i].item(),
-               "gap_closed_se": boots[i].std().item()}
+    for i, name in enumerate(names):
+        row = {"run": name, **{method: scores(runs[i, j]) for j, method in
+                               enumerate(RUN_METHODS)},
+               "gap_closed": gaps[i].item(), "gap_closed_se": boots[i].std().item()}
         ref = i - i % group_size
         if i != ref:
-            row["reference"] = runs[ref]
+            row["reference"] = names[ref]
             row["minus_reference"] = (gaps[i] - gaps[ref]).item()
             row["minus_reference_se"] = (boots[i] - boots[ref]).std().item()
         rows.append(row)
-    return rows
+    report["runs"] = rows
+    # The runs' mean, each set's error averaged over the runs first (seed-to-seed spread is
+    # then part of the estimate, not of its SE).
+    report["mean_over_runs"] = {method: scores(runs[:, j].mean(0))
+                                for j, method in enumerate(RUN_METHODS)}
+    return report
 
 
 def main() -> None:
@@ -110,47 +153,64 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
                         help="finished runs (their final/ models); the first is the reference")
     parser.add_argument("--group-size", type=int, metavar="G",
-                        help="compare each run with the first of its group of G runs "
-                             "(default: all runs are one group)")
+                        help="compare each run's gap_closed with the first of its group of G "
+                             "runs (default: all runs are one group)")
     parser.add_argument("--num-sets", type=int, default=2048, help="sets in the shared bank")
     parser.add_argument("--seed", type=int, default=777, help="seed of the shared bank")
     parser.add_argument("--data-preset", default="simple", help="prior of the bank")
+    parser.add_argument("--refine", type=int, default=20, metavar="ITERATIONS",
+                        help="EM iterations at most of the refined methods")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.num_sets < 2 or args.bootstrap < 2:
-        parser.exit(EXIT_USAGE, "error: --num-sets and --bootstrap must be >= 2\n")
+    if args.num_sets < 2 or args.bootstrap < 2 or args.refine < 1:
+        parser.exit(EXIT_USAGE, "error: --num-sets and --bootstrap must be >= 2, --refine "
+                                ">= 1\n")
     group_size = len(args.runs) if args.group_size is None else args.group_size
     if group_size < 1 or len(args.runs) % group_size:
         parser.exit(EXIT_USAGE, f"error: --group-size {group_size} must be >= 1 and divide the "
                                 f"number of runs ({len(args.runs)})\n")
     try:
         saved, models = load_runs(args.runs)
-        em, oracle, model_errors = per_set_errors(saved, models, args.data_preset,
-                                                  args.num_sets, args.seed)
+        yardsticks, runs = per_set_errors(saved, models, args.data_preset, args.num_sets,
+                                          args.seed, args.refine)
     except UsageError as error:
         parser.exit(EXIT_USAGE, f"error: {error}\n")
-    runs = [str(run) for run in args.runs]
+    names = [str(run) for run in args.runs]
     report = {
         "benchmark": "compare", "date": date.today().isoformat(), "machine": machine(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "data_preset": args.data_preset, "sets": args.num_sets, "seed": args.seed,
         "stream": COMPARISON_STREAM, "bootstrap": args.bootstrap,
-        "em_mse": em.mean().item(), "oracle_mse": oracle.mean().item(),
-        "group_size": group_size,
-        "runs": compare(em, oracle, model_errors, runs, group_size, args.bootstrap),
+        "refine_iterations": args.refine, "group_size": group_size,
+        **compare(yardsticks, runs, names, group_size, args.bootstrap),
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{args.num_sets} sets of {args.data_preset} (seed {args.seed}): EM "
-          f"{report['em_mse']:.7f}, oracle {report['oracle_mse']:.7f}")
+
+    def line(label: str, s: dict[str, float]) -> str:
+        return (f"  {label:<15} MSE {s['mse']:.7f}  over the floor "
+                f"{100 * s['excess_over_bayes']:+5.1f} ± {100 * s['excess_over_bayes_se']:.1f} %"
+                f"  vs em_tied {100 * s['minus_em_tied']:+5.1f} ± "
+                f"{100 * s['minus_em_tied_se']:.1f} %")
+
+    print(f"{args.num_sets} sets of {args.data_preset} (seed {args.seed}), refined by up to "
+          f"{args.refine} EM iterations")
+    for name, s in report["yardsticks"].items():
+        print(line(name, s))
     for row in report["runs"]:
         diff = ("" if "reference" not in row else
-                f"   minus {row['reference']}: {row['minus_reference']:+.4f} ± "
+                f"; minus {row['reference']}: {row['minus_reference']:+.4f} ± "
                 f"{row['minus_reference_se']:.4f}")
-        print(f"{row['run']}: MSE {row['mse']:.7f}, gap_closed {row['gap_closed']:+.4f} ± "
+        print(f"{row['run']}: gap_closed {row['gap_closed']:+.4f} ± "
               f"{row['gap_closed_se']:.4f}{diff}")
+        for method in RUN_METHODS:
+            print(line(method, row[method]))
+    if len(report["runs"]) > 1:
+        print(f"mean over the {len(report['runs'])} runs:")
+        for method in RUN_METHODS:
+            print(line(method, report["mean_over_runs"][method]))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Quality of the CPU-trainable reference model against every yardstick.
+"""Quality of a CPU-trainable model, raw and refined, against every yardstick.
 
-Trains the ``cpu_reference`` experiment preset (or takes a finished run with ``--run``), then
+Trains the ``cpu_reference`` experiment preset (``--preset`` another, e.g. ``cpu_wide``; or
+takes a finished run with ``--run``), then
 scores its final model as ``gmmt.evaluate`` does on held-out sets of the ``simple`` prior (a data
 stream never used in training or validation): overall, per SNR bin, per K and per separation,
 and on sets of one fixed size each (``--set-sizes``, half as many sets). ``cpu_reference``
@@ -8,14 +9,19 @@ trains on ``simple`` too, most of its steps on smaller sets (``training.curricul
 steps), and is scored on the prior's full 100-500 points; ``--data-preset`` scores on another
 prior.
 
+The model is scored three ways: raw (its predictions), ``refined`` (tied EM from its clusters
+with its own K: not told K) and ``refined_told_k`` (told the true K), ``--refine`` iterations
+at most. With a count head, its calibration per SNR bin and K: the mean probability it gives its
+answer against how often that answer is right, and the mean probability of the true K.
+
 The question it answers: how far is the model, which is told nothing but the points, above the
 Bayes floor (the best any method told K and sigma can do), and does it beat the strongest
 classical method, tied-variance EM told the true K (``reachable_gap > 0``)? The oracle (which
 knows the true parameters) and ``gap_closed`` against it are kept for comparison with past
 runs. K accuracy: the model's own grouping of its predictions against EM choosing K by BIC.
 
-Usage: ``python benchmarks/bench_quality.py [--run RUN_DIR | --set KEY=VALUE ...]
-[--num-sets 2048] [--data-preset simple] [--set-sizes 100 500] [--json]``
+Usage: ``python benchmarks/bench_quality.py [--run RUN_DIR | --preset NAME --set KEY=VALUE ...]
+[--num-sets 2048] [--data-preset simple] [--set-sizes 100 500] [--refine 20] [--json]``
 """
 
 import argparse
@@ -36,32 +42,73 @@ from gmmt.config.experiment import ExperimentConfig
 from gmmt.config.fields import ConfigError
 from gmmt.config.presets import resolve_config
 from gmmt.config.validation import EMConfig
+from gmmt.data.gmm import GMMSampler
 from gmmt.evaluation.held_out import (
+    EVALUATION_STREAM,
     evaluate_saved_model,
     evaluation_config,
     preset_data,
     score_held_out,
 )
+from gmmt.evaluation.metrics import k_values, snr_bin_index, snr_bin_labels, snr_bins
+from gmmt.evaluation.refine import has_count_head, run_model
 from gmmt.evaluation.results import Results, Scores
 from gmmt.training.experiment import ExperimentManager
 
-METHODS = ("model", "oracle", "bayes", "em_tied", "em", "em_bic", "kmeans", "identity")
+METHODS = ("model", "refined", "refined_told_k", "oracle", "bayes", "em_tied", "em", "em_bic",
+           "kmeans", "identity")
 
 
-def train(base_dir: Path, overrides: list[str]) -> tuple[Path, float]:
-    config = resolve_config("cpu_reference", overrides=[
+def train(preset: str, base_dir: Path, overrides: list[str]) -> tuple[Path, float]:
+    config = resolve_config(preset, overrides=[
         f"paths.base_dir={base_dir}", "logging.progress_bar=false", *overrides]).config
     start = time.time()
     summary = ExperimentManager(config).run()
     return Path(summary["run_dir"]), time.time() - start
 
 
-def evaluate(run_dir: Path, num_sets: int, data_preset: str) -> Results:
-    """Every baseline and breakdown on the held-out bank (also written to the run's
-    evaluation/ folder, as ``gmmt.evaluate`` writes it)."""
+def evaluate(run_dir: Path, num_sets: int, data_preset: str, iterations: int) -> Results:
+    """Every baseline and breakdown, and the refined model, on the held-out bank (also written
+    to the run's evaluation/ folder, as ``gmmt.evaluate`` writes it)."""
     result, _ = evaluate_saved_model(run_dir, data_preset=data_preset, num_sets=num_sets,
-                                     device="cpu", progress=False)
+                                     device="cpu", progress=False,
+                                     refine_iterations=iterations)
     return Results.from_json(result)
+
+
+def count_calibration(saved: ExperimentConfig, model: torch.nn.Module, data_preset: str,
+                      num_sets: int) -> dict | None:
+    """The count head on the held-out bank (the sets gmmt.evaluate draws), per SNR bin and K:
+    share of sets whose most probable K is right, the mean probability of that K (calibrated:
+    the two agree) and the mean probability of the true K. None without a count head."""
+    if not has_count_head(model):
+        return None
+    data = preset_data(data_preset)
+    sampler = GMMSampler(data, saved.device.seed)
+    edges = snr_bins(data.snr_db_params, saved.validation.breakdown.snr_bins)
+    labels, ks = snr_bin_labels(edges), k_values(data.cluster_params)
+    rows: dict[str, list[torch.Tensor]] = {"right": [], "confidence": [], "true_k": [],
+                                           "snr_bin": [], "k": []}
+    for i, start in enumerate(range(0, num_sets, 32)):
+        batch = sampler.batch(i, min(32, num_sets - start), rank=0, stream=EVALUATION_STREAM)
+        with torch.no_grad():
+            probs = run_model(model, batch.points, batch.mask)[1]
+        confidence, best = probs.max(-1)
+        rows["right"].append((best + 1 == batch.k).double())
+        rows["confidence"].append(confidence.double())
+        rows["true_k"].append(probs.gather(1, (batch.k - 1).unsqueeze(1)).squeeze(1).double())
+        rows["snr_bin"].append(snr_bin_index(batch.snr_db, edges))
+        rows["k"].append(batch.k)
+    cat = {key: torch.cat(value) for key, value in rows.items()}
+
+    def summary(members: torch.Tensor) -> dict[str, float]:
+        return {key: cat[key][members].mean().item() for key in ("right", "confidence",
+                                                                 "true_k")} | {
+            "sets": int(members.sum())}
+
+    return {"overall": summary(torch.ones_like(cat["k"], dtype=torch.bool)),
+            "by_snr": {label: summary(cat["snr_bin"] == j) for j, label in enumerate(labels)},
+            "by_k": {str(k): summary(cat["k"] == k) for k in ks}}
 
 
 def load_run(run_dir: Path) -> tuple[ExperimentConfig, torch.nn.Module]:
@@ -129,22 +176,29 @@ def by_separation(results: Results) -> dict:
     return rows
 
 
+# The methods of the per-bin tables printed (the JSON holds every method).
+BIN_METHODS = ("model", "refined", "refined_told_k", "em_tied", "em_bic", "em")
 MODEL_KEYS = ("excess_over_bayes", "reachable_gap", "gap_closed", "k_accuracy")
 
 
 def by_bin(results: Results, kind: str) -> dict:
-    """MSE / sigma^2 of every method, the model's gaps and K accuracy, and EM + BIC's K
-    accuracy, in each bin of a breakdown."""
+    """MSE / sigma^2 and excess over the floor of every method, the model's gaps, and the K
+    accuracy of each method that chooses K, in each bin of a breakdown."""
     return {label: column(scores, "mse_over_noise")
             | {key: scores["model"].get(key) for key in MODEL_KEYS}
-            | {"em_bic_k_accuracy": scores.get("em_bic", {}).get("k_accuracy")}
+            | {f"{m}_excess_over_bayes": scores.get(m, {}).get("excess_over_bayes")
+               for m in METHODS if m != "bayes"}
+            | {f"{m}_k_accuracy": scores.get(m, {}).get("k_accuracy")
+               for m in ("refined", "em_bic")}
             for label, scores in results.breakdowns.get(kind, {}).items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
         formatter_class=DefaultsHelpFormatter)
-    parser.add_argument("--run", type=Path, help="a finished cpu_reference run to score")
+    parser.add_argument("--run", type=Path, help="a finished run to score")
+    parser.add_argument("--preset", default="cpu_reference",
+                        help="experiment preset a new run trains")
     parser.add_argument("--base-dir", type=Path, default=Path("runs"),
                         help="where a new training run goes (default: runs/)")
     parser.add_argument("--num-sets", type=int, default=2048, help="held-out sets")
@@ -153,6 +207,8 @@ def main() -> None:
     parser.add_argument("--set-sizes", type=int, nargs="*", default=[100, 500],
                         help="also score on the prior with N fixed at each size "
                              "(default: 100 500; none to skip)")
+    parser.add_argument("--refine", type=int, default=20, metavar="ITERATIONS",
+                        help="EM iterations at most of the refined methods")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE",
                         help="override the trained preset, as gmmt.run --set (repeatable; "
@@ -164,8 +220,8 @@ def main() -> None:
     train_s = None
     run_dir = args.run
     if run_dir is None:
-        run_dir, train_s = train(args.base_dir, args.overrides)
-    result = evaluate(run_dir, args.num_sets, args.data_preset)
+        run_dir, train_s = train(args.preset, args.base_dir, args.overrides)
+    result = evaluate(run_dir, args.num_sets, args.data_preset, args.refine)
     saved, model = load_run(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     report = {
@@ -175,6 +231,7 @@ def main() -> None:
         "run_dir": str(run_dir), "train_wall_s": None if train_s is None else round(train_s),
         "train_steps": summary["steps"], "parameters": summary["parameters"],
         "held_out_sets": args.num_sets, "held_out_prior": args.data_preset,
+        "refine_iterations": args.refine,
         "overall": {m: result.overall.get(m, {}) for m in METHODS},
         **{key: result.model.get(key) for key in MODEL_KEYS},
         "bayes_unconverged_sets": round(result.overall.get("bayes", {}).get("unconverged", 0)
@@ -185,6 +242,7 @@ def main() -> None:
         "by_separation": by_separation(result),
         "by_set_size": by_set_size(saved, model, args.data_preset, args.set_sizes,
                                    args.num_sets // 2),
+        "count_head": count_calibration(saved, model, args.data_preset, args.num_sets),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -208,6 +266,20 @@ def main() -> None:
           f"{report['gap_closed'] or nan:.3f} (EM 0, oracle 1); against single-start EM: "
           f"{report['em_single_start']['gap_closed'] or nan:.3f}; the floor's chains disagree "
           f"on {report['bayes_unconverged_sets']} sets")
+    for kind, heading in (("by_snr", "SNR bin"), ("by_k", "K")):
+        print(f"| {heading} | " + " | ".join(f"{m} over the floor" for m in BIN_METHODS)
+              + " | K right: model | em_bic |")
+        print("|---" * (len(BIN_METHODS) + 3) + "|")
+        for label, row in report[kind].items():
+            excess = [row.get(f"{m}_excess_over_bayes") for m in BIN_METHODS]
+            print(f"| {label} | " + " | ".join(
+                cell(None if e is None else 100 * e, "+.1f") for e in excess)
+                + f" | {cell(row.get('k_accuracy'), '.3f')} | "
+                f"{cell(row.get('em_bic_k_accuracy'), '.3f')} |")
+    if report["count_head"] is not None:
+        head = report["count_head"]["overall"]
+        print(f"count head: K right {head['right']:.3f}, mean probability of its K "
+              f"{head['confidence']:.3f}, of the true K {head['true_k']:.3f}")
     for size, row in report["by_set_size"].items():
         print(f"N = {size}: model {row['model']:.6f}, tied EM {row['em_tied']:.6f}, EM "
               f"{row['em']:.6f}, oracle {row['oracle']:.6f}, gap_closed {row['gap_closed']:.3f}")
