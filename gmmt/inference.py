@@ -33,8 +33,9 @@ class Prediction:
         labels: the group of every point, [n] long (batched: [b, n], 0 at padding): the
             groups of the predictions, 0..k_hat-1 by decreasing size; refined, each point's
             most responsible component of the fitted mixture.
-        k_hat: the number of groups, an int (batched: [b] long tensor); refined, the model's
-            K (its count head's most probable K, if it has one).
+        k_hat: the number of groups, an int (batched: [b] long tensor); refined, the K of
+            the largest weight (with a count head: its probability times the fit's BIC
+            evidence; see :mod:`gmmt.evaluation.refine`).
         group_centres: the mean of ``centres`` over each point's group, shaped like
             ``centres``.
         raw_centres: the model's own prediction (equal to ``centres`` when not refined).

@@ -11,18 +11,24 @@ clusters' centres, so this is easy), then EM's usual first M-step on the points'
 Which K:
 
 * told K (``refined_told_k``): the true K, as the classical yardsticks are told it;
-* not told K (``refined``, :func:`refine_unknown_k`): with a count head, the refined centres
-  of every K the head gives at least MIN_PROBABILITY, averaged with the head's probabilities,
-  an amortized E[mu | x] = sum_K P(K | x) E[mu | x, K]; without one, the number of groups in
-  the model's predictions (:func:`gmmt.evaluation.grouping.group_predictions`).
+* not told K (``refined``, :func:`refine_unknown_k`): with a count head, every K the head
+  gives at least MIN_PROBABILITY (and its most probable K) is refined, and the refined centres
+  are averaged, E[mu | x] ~ sum_K w_K E[mu | x, K], with weights w_K proportional to
+  P_head(K | x) exp(-BIC_K / 2): the head's answer times the refined fit's BIC approximation
+  of the evidence p(x | K) (BIC = -2 log L + p log n, p = Kd + K free parameters of a tied
+  spherical mixture). The head alone weighs the likely K less well, and BIC alone needs a fit
+  for every K; both were measured (docs/experiments.md). Without a count head, K is the number
+  of groups in the model's predictions (:func:`gmmt.evaluation.grouping.group_predictions`).
 
 Shape legend: b sets, n points, d dims, k components (K_max of the batch).
 """
 
+import math
+
 import torch
 from torch import Tensor, nn
 
-from gmmt.evaluation.baselines import BaselineResult, fit_em, fit_kmeans
+from gmmt.evaluation.baselines import BaselineResult, EMFit, bic_parameters, fit_em, fit_kmeans
 from gmmt.evaluation.grouping import group_predictions
 
 # EM stops on a set once its mean log-likelihood per point gains less than this.
@@ -77,13 +83,18 @@ def refine(points: Tensor, pred: Tensor, k: Tensor, mask: Tensor | None = None, 
         ``k_hat`` = ``k``.
     """
     k = k.to(torch.long).clamp_min(1)
-    groups = fit_kmeans(pred.to(points.dtype), k, mask, generator=generator)
-    fit = fit_em(points, k, mask, seeds=groups.centroids, max_iter=iterations, tol=TOLERANCE,
-                 tied=True)
-    result = fit.result(mask)
+    result = _fit(points, pred, k, mask, iterations, generator).result(mask)
     result.centres = result.centres.to(points.dtype)
     result.k_hat = k
     return result
+
+
+def _fit(points: Tensor, pred: Tensor, k: Tensor, mask: Tensor | None, iterations: int,
+         generator: torch.Generator | None) -> EMFit:
+    """Tied EM with ``k`` [b] components from the predictions clustered into ``k`` groups."""
+    groups = fit_kmeans(pred.to(points.dtype), k, mask, generator=generator)
+    return fit_em(points, k, mask, seeds=groups.centroids, max_iter=iterations, tol=TOLERANCE,
+                  tied=True)
 
 
 @torch.no_grad()
@@ -91,28 +102,39 @@ def refine_unknown_k(points: Tensor, pred: Tensor, count_probabilities: Tensor |
                      mask: Tensor | None = None, *, iterations: int = 20,
                      generator: torch.Generator | None = None) -> BaselineResult:
     """Refined centres when K is not told (module docstring): averaged over the count head's
-    likely K values [b, K_max], or with the grouping's K when ``count_probabilities`` is None.
+    likely K values (``count_probabilities`` [b, K_max]) with weights from the head and each
+    fit's BIC, or with the grouping's K when ``count_probabilities`` is None.
 
-    The assignments and ``k_hat`` are those of the most probable K.
+    The assignments are those of the K with the largest weight, which is ``k_hat``.
     """
-    k_hat = model_k(pred, points, mask, count_probabilities)
     if count_probabilities is None:
+        k_hat = model_k(pred, points, mask, None)
         return refine(points, pred, k_hat, mask, iterations=iterations, generator=generator)
-    probs = count_probabilities.to(points.device)
-    kept = (probs >= MIN_PROBABILITY) | torch.nn.functional.one_hot(k_hat - 1, probs.shape[1]
-                                                                    ).bool()
-    weights = torch.where(kept, probs, 0.0)
-    weights = (weights / weights.sum(1, keepdim=True)).to(points.dtype)
-    centres = torch.zeros_like(points)
-    assignments = torch.zeros(points.shape[:2], dtype=torch.long, device=points.device)
-    for k in range(1, probs.shape[1] + 1):
+    probs = count_probabilities.to(points.device, torch.float64)
+    b, k_max = probs.shape
+    kept = (probs >= MIN_PROBABILITY) | torch.nn.functional.one_hot(
+        probs.argmax(1), k_max).bool()
+    counts = (torch.full((b,), points.shape[1], device=points.device) if mask is None
+              else mask.sum(1)).double()
+    log_weights = torch.full_like(probs, -math.inf)
+    fits: dict[int, tuple[Tensor, BaselineResult]] = {}
+    for k in range(1, k_max + 1):
         sets = kept[:, k - 1].nonzero().squeeze(1)
         if sets.numel() == 0:
             continue
         sub_mask = None if mask is None else mask[sets]
-        fit = refine(points[sets], pred[sets], torch.full_like(sets, k), sub_mask,
-                     iterations=iterations, generator=generator)
-        centres[sets] += weights[sets, k - 1].view(-1, 1, 1) * fit.centres
-        best = sets[k_hat[sets] == k]
-        assignments[best] = fit.assignments[k_hat[sets] == k]
+        fit = _fit(points[sets], pred[sets], torch.full_like(sets, k), sub_mask, iterations,
+                   generator)
+        n = counts[sets]
+        bic = -2 * fit.log_likelihood.double() * n + bic_parameters(k, points.shape[-1]) * n.log()
+        log_weights[sets, k - 1] = probs[sets, k - 1].log() - 0.5 * bic
+        fits[k] = (sets, fit.result(sub_mask))
+    weights = torch.softmax(log_weights, 1).to(points.dtype)  # [b, K_max], 0 where not kept
+    k_hat = weights.argmax(1) + 1
+    centres = torch.zeros_like(points)
+    assignments = torch.zeros(points.shape[:2], dtype=torch.long, device=points.device)
+    for k, (sets, result) in fits.items():
+        centres[sets] += weights[sets, k - 1].view(-1, 1, 1) * result.centres.to(points.dtype)
+        chosen = k_hat[sets] == k
+        assignments[sets[chosen]] = result.assignments[chosen]
     return BaselineResult(centres, assignments, k_hat)
