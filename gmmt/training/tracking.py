@@ -138,8 +138,12 @@ def validation_line(step: int, results: Results) -> str:
     parts = [f"model mse {model.get('mse', float('nan')):.5g}"]
     if "mse_over_noise" in model:
         parts[0] += f" (mse/σ² {model['mse_over_noise']:.4g})"
+    refined = {name: results.overall[name]["mse"] for name in ("refined", "refined_told_k")
+               if "mse" in results.overall.get(name, {})}
+    if refined:
+        parts.append(", ".join(f"{n} mse {v:.5g}" for n, v in refined.items()))
     others = {name: m["mse"] for name, m in results.overall.items()
-              if name != MODEL and "mse" in m}
+              if name != MODEL and name not in refined and "mse" in m}
     if others:
         parts.append("baselines mse: " + ", ".join(f"{n} {v:.5g}" for n, v in others.items()))
     peers = {n: v for n, v in others.items() if n not in _NOT_PEERS}
