@@ -37,12 +37,13 @@ SHRINK = [
     "logging.wandb.enabled=false", "logging.progress_bar=false", "logging.log_every_n_steps=1",
 ]
 # Per preset: what else must shrink for the run to stay valid (a curriculum within 4 steps).
-EXTRA = {
-    "cpu_reference": ["training.curriculum.steps=2",
-                      'training.curriculum.sample_count_distribution='
-                      '{"type": "uniform", "min": 20, "max": 30}'],
-}
-PRESETS = ("quick_test", "standard", "high_performance", "cpu_reference")
+CPU_CURRICULUM = ["training.curriculum.steps=2",
+                  'training.curriculum.sample_count_distribution='
+                  '{"type": "uniform", "min": 20, "max": 30}']
+EXTRA = {"cpu_reference": CPU_CURRICULUM, "cpu_standard_small": CPU_CURRICULUM,
+         "cpu_wide": CPU_CURRICULUM}
+PRESETS = ("quick_test", "standard", "high_performance", "cpu_reference", "cpu_standard_small",
+           "cpu_wide")
 
 
 def preset_args(preset: str, base: Path, *extra: str) -> list[str]:
@@ -67,7 +68,10 @@ def check_finished(run: Path, preset: str) -> dict:
     saved = json.loads((run / "config.json").read_text())
     assert saved["metadata"]["preset"] == preset
     assert saved["training"]["gradient_accumulation_steps"] == 2
-    assert set(summary["baselines"]) == set(cfg.validation.baselines)
+    refined = ["refined", "refined_told_k"] if cfg.model.refinement.enabled else []
+    assert set(summary["baselines"]) == set(cfg.validation.baselines + refined)
+    if cfg.model.count_head.enabled:  # the model's K is its head's, scored when asked for
+        assert ("k_accuracy" in summary["model"]) == ("k_accuracy" in cfg.validation.metrics)
     assert all(0 < summary["model"][m] < float("inf") for m in ("mse", "mse_over_noise"))
     vis = cfg.validation.visualization
     plots = {p.name for p in (run / "plots").glob("*.png")} if vis.enabled else set()
