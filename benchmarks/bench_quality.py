@@ -96,7 +96,10 @@ def count_calibration(saved: ExperimentConfig, model: torch.nn.Module, data_pres
         confidence, best = probs.max(-1)
         rows["right"].append((best + 1 == batch.k).double())
         rows["confidence"].append(confidence.double())
-        rows["true_k"].append(probs.gather(1, (batch.k - 1).unsqueeze(1)).squeeze(1).double())
+        # a prior with a larger K_max than the model's: the head gives such K probability 0
+        index = (batch.k - 1).clamp_max(probs.shape[1] - 1).unsqueeze(1)
+        true_k = probs.gather(1, index).squeeze(1).double()
+        rows["true_k"].append(torch.where(batch.k <= probs.shape[1], true_k, 0.0))
         rows["snr_bin"].append(snr_bin_index(batch.snr_db, edges))
         rows["k"].append(batch.k)
     cat = {key: torch.cat(value) for key, value in rows.items()}

@@ -3,7 +3,7 @@
 :func:`predict` runs a saved (or loaded) GMM transformer on points the user supplies, one set
 ``[n, d]`` or a batch ``[b, n, d]`` with a mask, and groups the predicted centres without being
 told K (:func:`gmmt.evaluation.grouping.group_predictions`), or, refined, runs a few EM
-iterations from the model's clusters (:func:`gmmt.evaluation.refine.refine`). Bad inputs raise
+iterations from the model's clusters (:mod:`gmmt.evaluation.refine`). Bad inputs raise
 ``ValueError``
 with a one-line message naming the problem; ``python -m gmmt.predict`` is the command line.
 """
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from gmmt.evaluation.grouping import group_predictions
 from gmmt.evaluation.held_out import EvaluationError, pick_device
+from gmmt.evaluation.refine import refine as refine_centres
 from gmmt.evaluation.refine import refine_unknown_k, run_model, unwrap
 from gmmt.saved_model import load_model
 
@@ -30,12 +31,13 @@ class Prediction:
     Attributes:
         centres: the centre of every point, [n, d] (batched: [b, n, d], 0 at padding): the
             model's prediction, or the refined one when refinement ran.
-        labels: the group of every point, [n] long (batched: [b, n], 0 at padding): the
-            groups of the predictions, 0..k_hat-1 by decreasing size; refined, each point's
-            most responsible component of the fitted mixture.
-        k_hat: the number of groups, an int (batched: [b] long tensor); refined, the K of
-            the largest weight (with a count head: its probability times the fit's BIC
-            evidence; see :mod:`gmmt.evaluation.refine`).
+        labels: the group of every point, 0..k_hat-1 by decreasing group size, [n] long
+            (batched: [b, n], 0 at padding): the groups of the predictions; refined, each
+            point's most responsible component of the fitted mixture.
+        k_hat: the number of groups, an int (batched: [b] long tensor); refined, the number
+            of the fitted mixture's components that hold points, normally the K it weighed
+            most (with a count head: its probability times the fit's BIC evidence; see
+            :mod:`gmmt.evaluation.refine`).
         group_centres: the mean of ``centres`` over each point's group, shaped like
             ``centres``.
         raw_centres: the model's own prediction (equal to ``centres`` when not refined).
@@ -171,8 +173,17 @@ def predict(model_or_run_dir: nn.Module | str | os.PathLike, points: ArrayLike,
         settings = getattr(config, "refinement", None)
         refine = settings.iterations if settings is not None and settings.enabled else 0
     if refine:
-        fit = refine_unknown_k(batch, pred, probs, m_on, iterations=refine)
-        centres, labels, k_hat = fit.centres, fit.assignments, fit.k_hat
+        # A fixed seed for the k-means++ start: the same points, the same answer, and the
+        # caller's global RNG is left alone.
+        generator = torch.Generator(device=on).manual_seed(0)
+        if probs is None:  # K from the grouping, with the caller's bandwidth
+            k = group_predictions(pred, batch, m_on, bandwidth=bandwidth).k_hat.clamp_min(1)
+            fit = refine_centres(batch, pred, k, m_on, iterations=refine, generator=generator)
+        else:
+            fit = refine_unknown_k(batch, pred, probs, m_on, iterations=refine,
+                                   generator=generator)
+        centres = fit.centres
+        labels, k_hat = _by_size(fit.assignments, m_on)
         means = _group_means(centres, labels, m_on)
     else:
         groups = group_predictions(pred, batch, m_on, bandwidth=bandwidth)
@@ -188,6 +199,22 @@ def predict(model_or_run_dir: nn.Module | str | os.PathLike, points: ArrayLike,
                           else out.count_probabilities[0],
                           refine_iterations=refine)
     return out
+
+
+def _by_size(labels: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Labels [b, n] renumbered 0..m-1 by decreasing group size (ties by the old number), and
+    the number m [b] of groups that hold points: a fitted component may end up empty."""
+    k = int(labels.max()) + 1 if labels.numel() else 1
+    member = torch.nn.functional.one_hot(labels, k)  # [b, n, k]
+    if mask is not None:
+        member = member * mask.unsqueeze(-1)
+    sizes = member.sum(1)  # [b, k]
+    order = torch.argsort(-sizes * (k + 1) + torch.arange(k, device=labels.device), dim=1)
+    rank = torch.argsort(order, dim=1)  # old label -> new label
+    relabelled = rank.gather(1, labels)
+    if mask is not None:
+        relabelled = relabelled.masked_fill(~mask, 0)
+    return relabelled, (sizes > 0).sum(1)
 
 
 def _group_means(centres: Tensor, labels: Tensor, mask: Tensor | None) -> Tensor:

@@ -223,8 +223,10 @@ def test_predict_refined_returns_the_fitted_mixtures_centres(count_run: Path) ->
     # a 4-step model's head is unsure; the refined fits' BIC finds the three clear blobs
     assert refined.k_hat == 3 and set(refined.labels.tolist()) == {0, 1, 2}
     truth = np.repeat(np.arange(3), (40, 30, 20))
+    assert np.array_equal(refined.labels.numpy(), truth)  # 0 = the largest group
     means = np.stack([points[truth == g].mean(0) for g in range(3)])
-    assert np.allclose(refined.centres.numpy(), means[truth], atol=1e-3)
+    # the blobs' means, up to the small weight BIC leaves on K = 4 (the noise is 1 here)
+    assert np.allclose(refined.centres.numpy(), means[truth], atol=1e-2)
     with pytest.raises(ValueError, match="refine must be >= 0"):
         gmmt.predict(count_run, points, refine=-2)
 
@@ -256,3 +258,49 @@ def test_predict_cli_refine(count_run: Path, tmp_path: Path) -> None:
     assert "refined by up to 20 EM iterations" in done.stderr
     rows = (tmp_path / "out.csv").read_text().splitlines()
     assert len(rows) == 1 + len(blobs())
+
+
+def test_predict_cli_refine_with_a_plot_and_a_bad_refine(count_run: Path, tmp_path: Path) -> None:
+    file = tmp_path / "points.npy"
+    np.save(file, blobs())
+    done = subprocess.run([sys.executable, "-m", "gmmt.predict", str(count_run), str(file),
+                           "--refine", "20", "--plot", str(tmp_path / "g.png"), "--out",
+                           str(tmp_path / "g.csv")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run([sys.executable, "-m", "gmmt.predict", str(count_run), str(file),
+                          "--refine", "-1", "--out", str(tmp_path / "bad.csv")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "refine must be >= 0" in bad.stderr and not (tmp_path / "bad.csv").exists()
+
+
+def test_refined_labels_are_numbered_by_size_even_when_a_component_is_left_empty(
+        count_run: Path) -> None:
+    """A head sure of more components than the points fill: every label names a group that
+    holds points, 0 the largest, and k_hat counts them."""
+    model = gmmt.load_model(count_run)
+    points = torch.tensor([[0.0, 0.0], [0.0, 0.1], [5.0, 5.0]])
+    result = gmmt.predict(model, points, refine=5)
+    sizes = torch.bincount(result.labels)
+    assert result.k_hat == len(sizes) and (sizes > 0).all()
+    assert torch.equal(sizes, sizes.sort(descending=True).values)
+
+
+def test_refinement_is_the_same_with_padding_and_without_points() -> None:
+    batch = separated(2)
+    probs = torch.nn.functional.one_hot(batch.k - 1, 5).double() * 0.6 + 0.1
+    full = refine_unknown_k(batch.points, batch.target, probs, iterations=10,
+                            generator=torch.Generator().manual_seed(0))
+    padded_points = torch.cat([batch.points, torch.zeros(2, 10, 2)], 1)
+    padded_pred = torch.cat([batch.target, torch.zeros(2, 10, 2)], 1)
+    mask = torch.arange(130) < 120
+    padded = refine_unknown_k(padded_points, padded_pred, probs, mask.expand(2, -1),
+                              iterations=10, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(padded.centres[:, :120], full.centres, atol=1e-5)
+    assert (padded.centres[:, 120:] == 0).all()
+    # a set without real points gets finite (zero) centres, not NaN
+    empty = torch.zeros(2, 130, dtype=torch.bool)
+    empty[0] = mask
+    result = refine_unknown_k(padded_points, padded_pred, probs, empty, iterations=5)
+    assert torch.isfinite(result.centres).all() and (result.centres[1] == 0).all()

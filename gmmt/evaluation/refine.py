@@ -115,7 +115,7 @@ def refine_unknown_k(points: Tensor, pred: Tensor, count_probabilities: Tensor |
     kept = (probs >= MIN_PROBABILITY) | torch.nn.functional.one_hot(
         probs.argmax(1), k_max).bool()
     counts = (torch.full((b,), points.shape[1], device=points.device) if mask is None
-              else mask.sum(1)).double()
+              else mask.sum(1)).double().clamp_min(1)  # a set without points: log n = 0
     log_weights = torch.full_like(probs, -math.inf)
     fits: dict[int, tuple[Tensor, BaselineResult]] = {}
     for k in range(1, k_max + 1):
