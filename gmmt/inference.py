@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from gmmt.evaluation.grouping import group_predictions
 from gmmt.evaluation.held_out import EvaluationError, pick_device
-from gmmt.evaluation.refine import refine as refine_centres
 from gmmt.evaluation.refine import refine_unknown_k, run_model, unwrap
 from gmmt.saved_model import load_model
 
@@ -176,12 +175,10 @@ def predict(model_or_run_dir: nn.Module | str | os.PathLike, points: ArrayLike,
         # A fixed seed for the k-means++ start: the same points, the same answer, and the
         # caller's global RNG is left alone.
         generator = torch.Generator(device=on).manual_seed(0)
-        if probs is None:  # K from the grouping, with the caller's bandwidth
-            k = group_predictions(pred, batch, m_on, bandwidth=bandwidth).k_hat.clamp_min(1)
-            fit = refine_centres(batch, pred, k, m_on, iterations=refine, generator=generator)
-        else:
-            fit = refine_unknown_k(batch, pred, probs, m_on, iterations=refine,
-                                   generator=generator)
+        groups_k = None if probs is not None else group_predictions(  # the caller's bandwidth
+            pred, batch, m_on, bandwidth=bandwidth).k_hat.clamp_min(1)
+        fit = refine_unknown_k(batch, pred, probs, m_on, iterations=refine,
+                               generator=generator, groups_k=groups_k)
         centres = fit.centres
         labels, k_hat = _by_size(fit.assignments, m_on)
         means = _group_means(centres, labels, m_on)

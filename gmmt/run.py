@@ -251,15 +251,16 @@ def dry_run(config: ExperimentConfig, allow_slow: bool = False) -> list[str]:
     lines = preflight(config, allow_slow=allow_slow, time_it=False)
     batch = GMMSampler(evolve(config.data, sample_count_distribution=DistributionSpec(
         type="fixed", value=8)), config.device.seed).batch(0, 2)
+    def forward(device: str) -> torch.Tensor:
+        with torch.device(device), torch.no_grad():
+            model = build_model(config.model, config.data.dim, config.data.max_clusters)
+            return model(batch.points.to(device), None if batch.mask is None else
+                         batch.mask.to(device), batch.snr_db.to(device))
+
     try:
-        with torch.device("meta"):
-            model = build_model(config.model, config.data.dim, config.data.max_clusters)
-            out = model(batch.points.to("meta"), None if batch.mask is None else
-                        batch.mask.to("meta"), batch.snr_db.to("meta"))
-    except (RuntimeError, NotImplementedError):  # an op without a meta kernel (autocast off)
-        with torch.no_grad():
-            model = build_model(config.model, config.data.dim, config.data.max_clusters)
-            out = model(batch.points, batch.mask, batch.snr_db)
+        out = forward("meta")  # shapes only: no memory, no arithmetic
+    except (RuntimeError, NotImplementedError):  # an op without a meta kernel: on the CPU
+        out = forward("cpu")
     return [*lines, f"dry run: config valid; a batch of 2 sets of 8 points -> output "
                     f"{tuple(out.shape)}; the step time is measured when the run starts."]
 

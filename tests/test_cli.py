@@ -217,3 +217,11 @@ def test_print_launch_config(capsys: pytest.CaptureFixture) -> None:
     assert "num_processes" in capsys.readouterr().out
     assert main(["--print-launch-config", "nope"]) == 2
     assert "unknown launch config 'nope'" in capsys.readouterr().err
+
+
+def test_dry_run_falls_back_to_the_cpu_where_the_meta_device_cannot_run(
+        capsys: pytest.CaptureFixture) -> None:
+    """cpu_reference's principal-axes frame (an eigendecomposition) has no meta kernel: the
+    dry run's forward pass then runs on the CPU and still answers with the output shape."""
+    assert main(["--preset", "cpu_reference", "--dry-run"]) == 0
+    assert "output (2, 8, 2)" in capsys.readouterr().out

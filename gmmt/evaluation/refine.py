@@ -100,15 +100,17 @@ def _fit(points: Tensor, pred: Tensor, k: Tensor, mask: Tensor | None, iteration
 @torch.no_grad()
 def refine_unknown_k(points: Tensor, pred: Tensor, count_probabilities: Tensor | None,
                      mask: Tensor | None = None, *, iterations: int = 20,
-                     generator: torch.Generator | None = None) -> BaselineResult:
+                     generator: torch.Generator | None = None,
+                     groups_k: Tensor | None = None) -> BaselineResult:
     """Refined centres when K is not told (module docstring): averaged over the count head's
     likely K values (``count_probabilities`` [b, K_max]) with weights from the head and each
-    fit's BIC, or with the grouping's K when ``count_probabilities`` is None.
+    fit's BIC, or, when ``count_probabilities`` is None, with the number of groups of the
+    predictions (``groups_k`` [b] if the caller has grouped them already).
 
     The assignments are those of the K with the largest weight, which is ``k_hat``.
     """
     if count_probabilities is None:
-        k_hat = model_k(pred, points, mask, None)
+        k_hat = model_k(pred, points, mask, None) if groups_k is None else groups_k
         return refine(points, pred, k_hat, mask, iterations=iterations, generator=generator)
     probs = count_probabilities.to(points.device, torch.float64)
     b, k_max = probs.shape

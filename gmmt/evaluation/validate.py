@@ -242,8 +242,10 @@ def validation_sums(model: nn.Module, batches: list[GMMBatch], config: Validatio
                 iterations = refinement.iterations
                 seeds = [baseline_generator(generator_seed, name, index, device)
                          for name in REFINED]
+                # without a count head, own.k_hat is the grouping's K: not grouped twice
                 results = (refine_unknown_k(batch.points, pred, count_probabilities, batch.mask,
-                                            iterations=iterations, generator=seeds[0]),
+                                            iterations=iterations, generator=seeds[0],
+                                            groups_k=own.k_hat.clamp_min(1)),
                            refine(batch.points, pred, batch.k, batch.mask,
                                   iterations=iterations, generator=seeds[1]))
                 for name, result in zip(REFINED, results):
