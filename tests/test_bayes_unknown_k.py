@@ -1,22 +1,36 @@
-"""The Bayes floor not told K (gmmt/evaluation/bayes_unknown_k.py)."""
+"""The Bayes floor not told K (gmmt/evaluation/bayes_unknown_k.py) and the prior over K it
+needs (gmmt/data/distributions.integer_probabilities)."""
+
+import math
 
 import torch
 
 from gmmt.config.data import DistributionSpec
+from gmmt.data.distributions import integer_probabilities
 from gmmt.evaluation.bayes import bayes_posterior_mean
-from gmmt.evaluation.bayes_unknown_k import bayes_unknown_k, k_prior
+from gmmt.evaluation.bayes_unknown_k import bayes_unknown_k
+
+
+def k_prior(spec: DistributionSpec, k_max: int, sets: int = 1) -> torch.Tensor:
+    return integer_probabilities(spec, k_max).expand(sets, -1)
 
 
 def test_k_prior_of_the_preset_families() -> None:
     uniform = k_prior(DistributionSpec(type="uniform", min=2, max=4), 5)
-    torch.testing.assert_close(uniform, torch.tensor([0, 1, 1, 1, 0], dtype=torch.float64) / 3)
+    torch.testing.assert_close(uniform[0],
+                               torch.tensor([0, 1, 1, 1, 0], dtype=torch.float64) / 3)
     fixed = k_prior(DistributionSpec(type="fixed", value=3), 4)
-    assert fixed.tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert fixed[0].tolist() == [0.0, 0.0, 1.0, 0.0]
     # Drawn, then capped at K_max as the generator does: 7 and 9 both count as K = 5.
     choice = k_prior(DistributionSpec(type="choice", values=[2, 7, 9], probs=[0.5, 0.25, 0.25]),
                      5)
-    torch.testing.assert_close(choice, torch.tensor([0, 0.5, 0, 0, 0.5], dtype=torch.float64),
-                               rtol=0, atol=2e-3)
+    torch.testing.assert_close(choice[0], torch.tensor([0, 0.5, 0, 0, 0.5], dtype=torch.float64))
+    # No closed form here: estimated from draws (Poisson(3), 0 counted as 1, capped at 5).
+    poisson = k_prior(DistributionSpec(type="poisson", rate=3), 5)[0]
+    exact = [math.exp(-3) * 3**j / math.factorial(j) for j in range(5)]
+    expected = torch.tensor([exact[0] + exact[1], *exact[2:5], 0.0], dtype=torch.float64)
+    expected[-1] = 1 - expected.sum()
+    torch.testing.assert_close(poisson, expected, rtol=0, atol=2e-3)
 
 
 def _set(centres: list[list[float]], size: int, sigma: float, seed: int) -> torch.Tensor:
@@ -33,7 +47,7 @@ def test_counts_clear_clusters_and_matches_the_told_k_floor_there() -> None:
     sigma = 0.1
     corners = [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
     points = torch.stack([_set(corners[:k], 60, sigma, seed=k) for k in (2, 3, 4)])
-    prior = k_prior(DistributionSpec(type="uniform", min=2, max=4), 4)
+    prior = k_prior(DistributionSpec(type="uniform", min=2, max=4), 4, sets=3)
     scale, alpha = torch.ones(3, dtype=torch.float64), torch.full((3,), 5.0, dtype=torch.float64)
     sigmas = torch.full((3,), sigma, dtype=torch.float64)
     fit = bayes_unknown_k(points, prior, sigmas, scale, alpha,
@@ -52,7 +66,7 @@ def test_overlapping_clusters_spread_the_posterior_over_k() -> None:
     K = 1 and K = 2, and the centres lie between the two told-K answers."""
     sigma = 0.2
     points = _set([[0.0, 0.0], [0.3, 0.0]], 40, sigma, seed=9).unsqueeze(0)
-    prior = k_prior(DistributionSpec(type="uniform", min=1, max=2), 2)
+    prior = k_prior(DistributionSpec(type="uniform", min=1, max=2), 2)  # [1, 2]
     args = (torch.tensor([sigma], dtype=torch.float64), torch.ones(1, dtype=torch.float64),
             torch.full((1,), 5.0, dtype=torch.float64))
     fit = bayes_unknown_k(points, prior, *args, generator=torch.Generator().manual_seed(0))

@@ -7,7 +7,8 @@ from gmmt.config.fields import config_class, non_negative, positive, setting, un
 MetricName = Literal["mse", "mse_over_noise", "excess_over_bayes", "reachable_gap", "gap_closed",
                      "ari", "nmi", "k_accuracy", "induced_ari", "induced_nmi", "energy",
                      "wasserstein"]
-BaselineName = Literal["identity", "oracle", "bayes", "em_tied", "em", "em_bic", "kmeans"]
+BaselineName = Literal["identity", "oracle", "bayes", "bayes_unknown_k", "em_tied", "em", "em_bic",
+                       "kmeans"]
 # Metrics computed from other methods' averaged MSEs, and the baselines each one needs.
 DERIVED_METRICS = {"excess_over_bayes": ("bayes",), "reachable_gap": ("em_tied", "bayes"),
                    "gap_closed": ("em", "oracle")}

@@ -64,6 +64,7 @@ class GMMBatch:
     mask: torch.Tensor | None = None  # [b, n] bool, True = real point
     centre_scale: torch.Tensor | None = None  # [b] float, centres were drawn from N(0, s^2 I)
     weight_concentration: torch.Tensor | None = None  # [b] float, weights ~ Dirichlet(alpha 1)
+    k_prior: torch.Tensor | None = None  # [b, k] float, P(K = 1..k) of the prior drawn from
 
     @property
     def num_sets(self) -> int:

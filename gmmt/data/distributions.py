@@ -13,6 +13,8 @@ import torch
 from gmmt.config.data import DistributionSpec
 
 Shape = int | Sequence[int]
+# Draws that estimate an integer distribution's probabilities when there is no closed form here.
+PROBABILITY_DRAWS = 2**22
 
 
 def _work_dtype(device: torch.device) -> torch.dtype:
@@ -146,3 +148,39 @@ def sample(spec: DistributionSpec, shape: Shape, generator: torch.Generator,
         return drawn.to(out_dtype)
 
     raise ValueError(f"unknown distribution type {kind!r}")  # pragma: no cover
+
+
+def integer_probabilities(spec: DistributionSpec, high: int) -> torch.Tensor:
+    """P(value = 1..high) [high] float64 of an integer quantity drawn from ``spec`` (as
+    :func:`sample` draws it with ``integer=True``) and capped at ``high``, as K is.
+
+    Fixed, uniform and choice are exact; the other families are estimated from
+    PROBABILITY_DRAWS draws (cached: a spec is immutable, and its repr names every field).
+    """
+    key = (repr(spec), high)
+    if key not in _PROBABILITIES:
+        _PROBABILITIES[key] = _integer_probabilities(spec, high)
+    return _PROBABILITIES[key].clone()
+
+
+_PROBABILITIES: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _integer_probabilities(spec: DistributionSpec, high: int) -> torch.Tensor:
+    values = torch.arange(1, high + 1, dtype=torch.float64)
+    if spec.type == "fixed":
+        probs = (values == min(round(spec.value), high)).double()
+    elif spec.type == "uniform":
+        lo, hi = _integer_bounds(spec.min, spec.max, "uniform")
+        probs = ((values >= lo) & (values <= min(hi, high))).double()
+        probs[-1] += max(0, hi - high)  # values above high are capped at it
+    elif spec.type == "choice":
+        weights = spec.probs if spec.probs is not None else [1.0] * len(spec.values)
+        probs = torch.zeros(high, dtype=torch.float64)
+        for value, weight in zip(spec.values, weights):
+            probs[min(max(round(value), 1), high) - 1] += weight
+    else:
+        draws = sample(spec, (PROBABILITY_DRAWS,), torch.Generator().manual_seed(0),
+                       integer=True)
+        probs = torch.bincount(draws.clamp(1, high) - 1, minlength=high).double()
+    return probs / probs.sum()

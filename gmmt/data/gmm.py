@@ -14,7 +14,7 @@ import torch
 
 from gmmt.config.data import DataConfig
 from gmmt.data.batch import GMMBatch
-from gmmt.data.distributions import sample
+from gmmt.data.distributions import integer_probabilities, sample
 
 TRAIN_STREAM = "train"
 VALIDATION_STREAM = "validation"
@@ -105,7 +105,9 @@ def sample_gmm_batch(config: DataConfig, batch_size: int, generator: torch.Gener
                     snr_db=snr_db, k=k, mask=mask,
                     centre_scale=torch.full((b,), config.center_scale, device=device, dtype=dtype),
                     weight_concentration=torch.full((b,), config.weight_concentration,
-                                                    device=device, dtype=dtype))
+                                                    device=device, dtype=dtype),
+                    k_prior=integer_probabilities(config.cluster_params, k_max).to(
+                        device, dtype).repeat(b, 1))
 
 
 def weighted_centre_variance(centres: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,10 @@
   classical answer when K is not told;
 * ``kmeans``: Lloyd's k-means with the true K, k-means++ initialisation, ``n_init`` restarts;
 * ``bayes``: the posterior mean under the generating prior given K and sigma
-  (:mod:`gmmt.evaluation.bayes`), the floor for anything that sees only the points.
+  (:mod:`gmmt.evaluation.bayes`), the floor for anything that sees only the points;
+* ``bayes_unknown_k``: the same given sigma but not K, averaged over the posterior over K
+  (:mod:`gmmt.evaluation.bayes_unknown_k`): the floor for methods that choose K, and its most
+  probable K the best count.
 
 Both fits seed with greedy k-means++ as scikit-learn does (several candidates per seed, the
 best kept): plain k-means++ leaves EM in a bad local optimum far more often.
@@ -44,7 +47,8 @@ from gmmt.config.validation import BayesConfig, EMConfig
 from gmmt.data.batch import GMMBatch, posterior_logits
 from gmmt.evaluation.metrics import clean_points, induced_clusters
 
-BASELINES = ("identity", "oracle", "bayes", "em_tied", "em", "em_bic", "kmeans")
+BASELINES = ("identity", "oracle", "bayes", "bayes_unknown_k", "em_tied", "em", "em_bic",
+             "kmeans")
 # EM's variance regulariser, relative to each set's per-coordinate variance: the analogue of
 # scikit-learn's absolute reg_covar=1e-6, made scale-free like the model (set normalisation).
 EM_REG_COVAR = 1e-6
@@ -575,4 +579,18 @@ def run_baseline(name: str, batch: GMMBatch, em: EMConfig, generator: torch.Gene
             batch.mask, num_chains=config.num_chains, burn_in=config.burn_in,
             num_samples=config.num_samples, tolerance=config.tolerance, generator=generator)
         return BaselineResult(fit.centres, fit.assignments, unconverged=fit.unconverged)
+    if name == "bayes_unknown_k":
+        from gmmt.evaluation.bayes_unknown_k import bayes_unknown_k
+
+        if batch.k_prior is None or batch.centre_scale is None:
+            raise ValueError("the bayes_unknown_k baseline needs the batch's prior (k_prior, "
+                             "centre_scale, weight_concentration), which sample_gmm_batch "
+                             "fills in")
+        config = bayes or BayesConfig()
+        fit = bayes_unknown_k(
+            batch.points, batch.k_prior, batch.sigma, batch.centre_scale,
+            batch.weight_concentration, batch.mask, num_chains=config.num_chains,
+            burn_in=config.burn_in, num_samples=config.num_samples, generator=generator)
+        return BaselineResult(fit.centres, fit.assignments, k_hat=fit.k_hat,
+                              unconverged=fit.unconverged)
     raise ValueError(f"unknown baseline {name!r}; choose one of {list(BASELINES)}")

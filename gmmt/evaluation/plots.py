@@ -32,9 +32,11 @@ PLOT_FILES = {
 # One colour per baseline in every figure, so a legend read once holds for all of them.
 BASELINE_COLOURS = {"identity": "tab:gray", "oracle": "tab:green", "bayes": "tab:red",
                     "em_tied": "tab:purple", "em": "tab:blue", "em_bic": "tab:cyan",
-                    "kmeans": "tab:orange", "refined": "tab:brown", "refined_told_k": "tab:olive"}
+                    "kmeans": "tab:orange", "refined": "tab:brown", "refined_told_k": "tab:olive",
+                    "bayes_unknown_k": "tab:pink"}
 # Legend names that say what a yardstick knows.
 LEGEND_NAMES = {"oracle": "oracle (knows the parameters)", "bayes": "bayes (the floor)",
+                "bayes_unknown_k": "bayes not told K (its floor)",
                 "em_bic": "em_bic (chooses K)", "refined": "model + EM (its own K)",
                 "refined_told_k": "model + EM (told K)"}
 DPI = 110

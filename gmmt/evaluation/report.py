@@ -103,6 +103,7 @@ KNOWS = {
     "refined_told_k": "K; EM from the model's clusters",
     "oracle": "true centres, weights, σ (unattainable)",
     "bayes": "K, σ and the prior (the floor)",
+    "bayes_unknown_k": "σ and the prior (the floor not told K)",
     "em_tied": "K",
     "em": "K",
     "em_bic": "K ≤ K_max; chooses K",
@@ -177,10 +178,11 @@ def markdown(results: Results, title: str, description: str) -> str:
     if notes:
         lines += ["", "; ".join(notes) + " (reachable gap: from tied-variance EM (0) to the "
                   "Bayes floor (1); gap closed: from EM (0) to the unattainable oracle (1))."]
-    unconverged = results.overall.get("bayes", {}).get("unconverged")
-    if unconverged is not None:
-        lines += ["", f"Bayes floor: the Gibbs chains disagree on "
-                  f"{round(unconverged * results.num_sets)} of {results.num_sets} sets."]
+    for name, floor in (("bayes", "Bayes floor"), ("bayes_unknown_k", "Bayes floor not told K")):
+        unconverged = results.overall.get(name, {}).get("unconverged")
+        if unconverged is not None:
+            lines += ["", f"{floor}: the Gibbs chains disagree on "
+                      f"{round(unconverged * results.num_sets)} of {results.num_sets} sets."]
     for kind, metric, heading, table_title in BREAKDOWN_TABLES:
         table = breakdown_table(results, kind, metric, heading)
         if table:

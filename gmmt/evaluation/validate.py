@@ -17,10 +17,11 @@ distance between the set's two closest centres in noise stds (0-3, 3-6, 6-12, 12
 clustering: the model's own (its predictions grouped without K, :mod:`gmmt.evaluation.grouping`)
 and each baseline's assignments. ``k_accuracy`` is the share of sets whose K was found, for the
 methods that choose K: the model (its count head's most probable K, else the number of groups of
-its predictions), ``refined`` (the model's K) and ``em_bic``. ``induced_ari`` / ``induced_nmi`` (the
-model only) score the clusters the TRUE centres induce on the predictions (each prediction's
-nearest true centre): they use the truth and are not a clustering. ``unconverged`` (``bayes``
-only) is the share of sets whose Gibbs chains disagree.
+its predictions), ``refined`` (the model's K), ``em_bic`` and ``bayes_unknown_k``.
+``induced_ari`` / ``induced_nmi`` (the model only) score the clusters the TRUE centres induce
+on the predictions (each prediction's nearest true centre): they use the truth and are not a
+clustering. ``unconverged`` (``bayes`` and ``bayes_unknown_k`` only) is the share of sets whose
+Gibbs chains disagree.
 
 Derived in :func:`summarise` from averaged MSEs, per group, wherever their inputs were scored:
 ``excess_over_bayes`` = MSE / MSE_bayes - 1 (every method), ``reachable_gap`` = (MSE_em_tied -
@@ -62,7 +63,9 @@ from gmmt.evaluation.results import MODEL, Results, Scores
 # The model refined by EM from its clusters: with its own K, and told the true K.
 REFINED = ("refined", "refined_told_k")
 # Methods that choose K themselves; the others are told it.
-CHOOSES_K = (MODEL, "refined", "em_bic")
+CHOOSES_K = (MODEL, "refined", "em_bic", "bayes_unknown_k")
+# Methods that check their own convergence (the Gibbs samplers).
+SAMPLERS = ("bayes", "bayes_unknown_k")
 
 
 def _applies(method: str, metric: str) -> bool:
@@ -72,7 +75,7 @@ def _applies(method: str, metric: str) -> bool:
     if metric in ("induced_ari", "induced_nmi"):
         return method == MODEL
     if metric == "unconverged":
-        return method == "bayes"
+        return method in SAMPLERS
     return True
 
 
@@ -123,7 +126,7 @@ def layout(config: ValidationConfig, data: DataConfig, refined: bool = False) ->
     metrics = [m for m in config.metrics if m not in DERIVED_METRICS]
     if len(metrics) < len(config.metrics) and "mse" not in metrics:
         metrics.insert(0, "mse")
-    if "bayes" in config.baselines:
+    if set(SAMPLERS) & set(config.baselines):
         metrics.append("unconverged")
     methods = (MODEL, *(REFINED if refined else ()), *config.baselines)
     return Layout(tuple(groups), methods, tuple(metrics))

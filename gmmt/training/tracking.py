@@ -17,9 +17,9 @@ from gmmt.evaluation.results import MODEL, Results
 
 log = logging.getLogger("gmmt")
 
-# Told more than the model (oracle: the truth; bayes: K, sigma and the prior) or nothing at all
+# Told more than the model (oracle: the truth; the floors: sigma, the prior and K) or nothing at all
 # (identity): the model is compared with the best of the other baselines, its peers.
-_NOT_PEERS = ("identity", "oracle", "bayes")
+_NOT_PEERS = ("identity", "oracle", "bayes", "bayes_unknown_k")
 # Derived gaps, shown when validation computed them (gmmt.evaluation.validate).
 _GAPS = ("excess_over_bayes", "reachable_gap", "gap_closed")
 _MAX_DIFF_LINES = 12
