@@ -4,10 +4,12 @@
 seeds are also two banks. This script scores every run given on the *same* sets (stream
 "comparison"), each run three ways: its raw predictions (``model``), refined by tied EM from its
 clusters with its own K (``refined``) and told the true K (``refined_told_k``); beside the Bayes
-floor (told K and sigma), tied-variance EM (told K), EM choosing K by BIC, EM and the oracle,
+floor (told K and sigma), the floor told sigma but not K, tied-variance EM (told K), EM
+choosing K by BIC, EM and the oracle,
 with the first run's validation settings. It resamples the sets (bootstrap) to give:
 
-* each method's excess over the floor, MSE / MSE_bayes - 1, a standard error;
+* each method's excess over the floor, MSE / MSE_bayes - 1, and over the floor not told K
+  (``bayes_unknown_k``, told sigma only), each with a standard error;
 * each method's difference from tied EM, MSE / MSE_em_tied - 1, a paired one (the bank's noise
   largely cancels in a ratio on the same sets);
 * each raw model's gap_closed against EM and the oracle (older tables use it), and with
@@ -42,7 +44,7 @@ EXIT_USAGE = 2
 # Its own stream: the bank shares no set with any run's training, validation or evaluation.
 COMPARISON_STREAM = "comparison"
 BATCH_SIZE = 32
-YARDSTICKS = ("bayes", "em_tied", "em_bic", "em", "oracle")
+YARDSTICKS = ("bayes", "bayes_unknown_k", "em_tied", "em_bic", "em", "oracle")
 RUN_METHODS = ("model", "refined", "refined_told_k")
 
 
@@ -112,16 +114,16 @@ def compare(yardsticks: dict[str, torch.Tensor], runs: torch.Tensor, names: list
     run."""
     sets = runs.shape[-1]
     picks = torch.randint(0, sets, (resamples, sets), generator=torch.Generator().manual_seed(0))
-    bayes, tied = yardsticks["bayes"], yardsticks["em_tied"]
+    references = {"bayes": "excess_over_bayes",
+                  "bayes_unknown_k": "excess_over_bayes_unknown_k", "em_tied": "minus_em_tied"}
 
     def scores(errors: torch.Tensor) -> dict[str, float]:
-        over_floor = ratio_minus_one(errors[..., picks], bayes[picks])
-        over_tied = ratio_minus_one(errors[..., picks], tied[picks])
-        return {"mse": errors.mean().item(),
-                "excess_over_bayes": ratio_minus_one(errors, bayes).item(),
-                "excess_over_bayes_se": over_floor.std().item(),
-                "minus_em_tied": ratio_minus_one(errors, tied).item(),
-                "minus_em_tied_se": over_tied.std().item()}
+        out = {"mse": errors.mean().item()}
+        for reference, key in references.items():
+            bottom = yardsticks[reference]
+            out[key] = ratio_minus_one(errors, bottom).item()
+            out[f"{key}_se"] = ratio_minus_one(errors[..., picks], bottom[picks]).std().item()
+        return out
 
     report = {"yardsticks": {name: scores(errors) for name, errors in yardsticks.items()}}
     em, oracle = yardsticks["em"], yardsticks["oracle"]
@@ -192,6 +194,8 @@ def main() -> None:
     def line(label: str, s: dict[str, float]) -> str:
         return (f"  {label:<15} MSE {s['mse']:.7f}  over the floor "
                 f"{100 * s['excess_over_bayes']:+5.1f} ± {100 * s['excess_over_bayes_se']:.1f} %"
+                f"  not told K {100 * s['excess_over_bayes_unknown_k']:+5.1f} ± "
+                f"{100 * s['excess_over_bayes_unknown_k_se']:.1f} %"
                 f"  vs em_tied {100 * s['minus_em_tied']:+5.1f} ± "
                 f"{100 * s['minus_em_tied_se']:.1f} %")
 

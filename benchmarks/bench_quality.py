@@ -15,10 +15,12 @@ at most. With a count head, its calibration per SNR bin and K: the mean probabil
 answer against how often that answer is right, and the mean probability of the true K.
 
 The question it answers: how far is the model, which is told nothing but the points, above the
-Bayes floor (the best any method told K and sigma can do), and does it beat the strongest
-classical method, tied-variance EM told the true K (``reachable_gap > 0``)? The oracle (which
-knows the true parameters) and ``gap_closed`` against it are kept for comparison with past
-runs. K accuracy: the model's own grouping of its predictions against EM choosing K by BIC.
+Bayes floor (the best any method told K and sigma can do) and above the floor not told K
+(``bayes_unknown_k``: told sigma, averaged over the posterior over K), and does it beat the
+strongest classical method, tied-variance EM told the true K (``reachable_gap > 0``)? The
+oracle (which knows the true parameters) and ``gap_closed`` against it are kept for comparison
+with past runs. K accuracy: the model's (its count head's, else its own grouping of its predictions)
+against EM choosing K by BIC and the floor's most probable K (the best count from the points).
 
 Usage: ``python benchmarks/bench_quality.py [--run RUN_DIR | --preset NAME --set KEY=VALUE ...]
 [--num-sets 2048] [--data-preset simple] [--set-sizes 100 500] [--refine 20] [--json]``
@@ -55,8 +57,11 @@ from gmmt.evaluation.refine import has_count_head, run_model
 from gmmt.evaluation.results import Results, Scores
 from gmmt.training.experiment import ExperimentManager
 
-METHODS = ("model", "refined", "refined_told_k", "oracle", "bayes", "em_tied", "em", "em_bic",
-           "kmeans", "identity")
+METHODS = ("model", "refined", "refined_told_k", "oracle", "bayes", "bayes_unknown_k", "em_tied",
+           "em", "em_bic", "kmeans", "identity")
+BASELINES = METHODS[3:]
+# The methods that choose K, scored also against the floor not told K.
+NOT_TOLD_K = ("model", "refined", "em_bic")
 
 
 def train(preset: str, base_dir: Path, overrides: list[str]) -> tuple[Path, float]:
@@ -71,7 +76,7 @@ def evaluate(run_dir: Path, num_sets: int, data_preset: str, iterations: int) ->
     """Every baseline and breakdown, and the refined model, on the held-out bank (also written
     to the run's evaluation/ folder, as ``gmmt.evaluate`` writes it)."""
     result, _ = evaluate_saved_model(run_dir, data_preset=data_preset, num_sets=num_sets,
-                                     device="cpu", progress=False,
+                                     baselines=BASELINES, device="cpu", progress=False,
                                      refine_iterations=iterations)
     return Results.from_json(result)
 
@@ -184,15 +189,25 @@ BIN_METHODS = ("model", "refined", "refined_told_k", "em_tied", "em_bic", "em")
 MODEL_KEYS = ("excess_over_bayes", "reachable_gap", "gap_closed", "k_accuracy")
 
 
+def over_unknown_k_floor(scores: Scores) -> dict[str, float | None]:
+    """MSE / MSE_bayes_unknown_k - 1 of each method that chooses K (NOT_TOLD_K), in one group."""
+    floor = scores.get("bayes_unknown_k", {}).get("mse")
+    return {f"{m}_excess_over_bayes_unknown_k":
+            None if not floor or scores.get(m, {}).get("mse") is None
+            else scores[m]["mse"] / floor - 1 for m in NOT_TOLD_K}
+
+
 def by_bin(results: Results, kind: str) -> dict:
-    """MSE / sigma^2 and excess over the floor of every method, the model's gaps, and the K
-    accuracy of each method that chooses K, in each bin of a breakdown."""
+    """MSE / sigma^2 and excess over the floor of every method (and over the floor not told K of
+    those that choose K), the model's gaps, and the K accuracy of each method that chooses K,
+    in each bin of a breakdown."""
     return {label: column(scores, "mse_over_noise")
             | {key: scores["model"].get(key) for key in MODEL_KEYS}
             | {f"{m}_excess_over_bayes": scores.get(m, {}).get("excess_over_bayes")
                for m in METHODS if m != "bayes"}
+            | over_unknown_k_floor(scores)
             | {f"{m}_k_accuracy": scores.get(m, {}).get("k_accuracy")
-               for m in ("refined", "em_bic")}
+               for m in ("refined", "em_bic", "bayes_unknown_k")}
             for label, scores in results.breakdowns.get(kind, {}).items()}
 
 
@@ -236,6 +251,7 @@ def main() -> None:
         "held_out_sets": args.num_sets, "held_out_prior": args.data_preset,
         "refine_iterations": args.refine,
         "overall": {m: result.overall.get(m, {}) for m in METHODS},
+        "overall_over_bayes_unknown_k": over_unknown_k_floor(result.overall),
         **{key: result.model.get(key) for key in MODEL_KEYS},
         "bayes_unconverged_sets": round(result.overall.get("bayes", {}).get("unconverged", 0)
                                         * args.num_sets),
@@ -269,16 +285,21 @@ def main() -> None:
           f"{report['gap_closed'] or nan:.3f} (EM 0, oracle 1); against single-start EM: "
           f"{report['em_single_start']['gap_closed'] or nan:.3f}; the floor's chains disagree "
           f"on {report['bayes_unconverged_sets']} sets")
+    print("not told K, over the floor not told K: " + ", ".join(
+        f"{m} {cell(None if e is None else 100 * e, '+.1f')} %"
+        for m, e in zip(NOT_TOLD_K, report["overall_over_bayes_unknown_k"].values())))
     for kind, heading in (("by_snr", "SNR bin"), ("by_k", "K")):
         print(f"| {heading} | " + " | ".join(f"{m} over the floor" for m in BIN_METHODS)
-              + " | K right: model | em_bic |")
-        print("|---" * (len(BIN_METHODS) + 3) + "|")
+              + " | " + " | ".join(f"{m} over the floor not told K" for m in NOT_TOLD_K)
+              + " | K right: model | em_bic | bayes_unknown_k |")
+        print("|---" * (len(BIN_METHODS) + len(NOT_TOLD_K) + 4) + "|")
         for label, row in report[kind].items():
-            excess = [row.get(f"{m}_excess_over_bayes") for m in BIN_METHODS]
+            excess = ([row.get(f"{m}_excess_over_bayes") for m in BIN_METHODS]
+                      + [row.get(f"{m}_excess_over_bayes_unknown_k") for m in NOT_TOLD_K])
             print(f"| {label} | " + " | ".join(
                 cell(None if e is None else 100 * e, "+.1f") for e in excess)
-                + f" | {cell(row.get('k_accuracy'), '.3f')} | "
-                f"{cell(row.get('em_bic_k_accuracy'), '.3f')} |")
+                + " | " + " | ".join(cell(row.get(key), ".3f") for key in (
+                    "k_accuracy", "em_bic_k_accuracy", "bayes_unknown_k_k_accuracy")) + " |")
     if report["count_head"] is not None:
         head = report["count_head"]["overall"]
         print(f"count head: K right {head['right']:.3f}, mean probability of its K "
