@@ -17,7 +17,7 @@ with the first run's validation settings. It resamples the sets (bootstrap) to g
 
 Usage: ``python benchmarks/bench_compare.py RUN_DIR [RUN_DIR ...] [--group-size G]
 [--num-sets 2048] [--seed 777] [--data-preset simple] [--refine 20] [--bootstrap 2000]
-[--json]``
+[--json] [--save FILE]``
 """
 
 import argparse
@@ -163,7 +163,9 @@ def main() -> None:
     parser.add_argument("--refine", type=int, default=20, metavar="ITERATIONS",
                         help="EM iterations at most of the refined methods")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the JSON report")
+    parser.add_argument("--save", type=Path, metavar="FILE",
+                        help="also write the JSON report to FILE (the tables still print)")
     args = parser.parse_args()
     if args.num_sets < 2 or args.bootstrap < 2 or args.refine < 1:
         parser.exit(EXIT_USAGE, "error: --num-sets and --bootstrap must be >= 2, --refine "
@@ -187,6 +189,8 @@ def main() -> None:
         "refine_iterations": args.refine, "group_size": group_size,
         **compare(yardsticks, runs, names, group_size, args.bootstrap),
     }
+    if args.save is not None:
+        args.save.write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))
         return

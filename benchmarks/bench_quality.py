@@ -23,7 +23,8 @@ with past runs. K accuracy: the model's (its count head's, else its own grouping
 against EM choosing K by BIC and the floor's most probable K (the best count from the points).
 
 Usage: ``python benchmarks/bench_quality.py [--run RUN_DIR | --preset NAME --set KEY=VALUE ...]
-[--num-sets 2048] [--data-preset simple] [--set-sizes 100 500] [--refine 20] [--json]``
+[--num-sets 2048] [--data-preset simple] [--set-sizes 100 500] [--refine 20] [--json]
+[--save FILE]``
 """
 
 import argparse
@@ -231,7 +232,9 @@ def main() -> None:
                         metavar="KEY=VALUE",
                         help="override the trained preset, as gmmt.run --set (repeatable; "
                              "e.g. device.seed=43 for a seed repeat)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the JSON report")
+    parser.add_argument("--save", type=Path, metavar="FILE",
+                        help="also write the JSON report to FILE (the tables still print)")
     args = parser.parse_args()
     if args.run is not None and args.overrides:
         parser.error("--set changes a new training run; it cannot apply to --run")
@@ -263,6 +266,8 @@ def main() -> None:
                                    args.num_sets // 2),
         "count_head": count_calibration(saved, model, args.data_preset, args.num_sets),
     }
+    if args.save is not None:
+        args.save.write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))
         return
