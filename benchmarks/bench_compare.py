@@ -13,7 +13,10 @@ with the first run's validation settings. It resamples the sets (bootstrap) to g
 * each method's difference from tied EM, MSE / MSE_em_tied - 1, a paired one (the bank's noise
   largely cancels in a ratio on the same sets);
 * each raw model's gap_closed against EM and the oracle (older tables use it), and with
-  ``--group-size G`` its paired difference from the first run of its group of G.
+  ``--group-size G`` its paired difference from the first run of its group of G;
+* per SNR bin, each method's excess over both floors (the runs: their mean) with SEs over the
+  bin's sets, and the K accuracy of the methods that choose K (the runs' raw count: the count
+  head, else the grouping of the predictions; and their refined one).
 
 Usage: ``python benchmarks/bench_compare.py RUN_DIR [RUN_DIR ...] [--group-size G]
 [--num-sets 2048] [--seed 777] [--data-preset simple] [--refine 20] [--bootstrap 2000]
@@ -37,8 +40,14 @@ from gmmt.data.batch import GMMBatch
 from gmmt.data.gmm import GMMSampler, make_generator
 from gmmt.evaluation.baselines import run_baseline
 from gmmt.evaluation.held_out import preset_data
-from gmmt.evaluation.metrics import centre_mse_per_set, gap_closed
-from gmmt.evaluation.refine import refine, refine_unknown_k, run_model
+from gmmt.evaluation.metrics import (
+    centre_mse_per_set,
+    gap_closed,
+    snr_bin_index,
+    snr_bin_labels,
+    snr_bins,
+)
+from gmmt.evaluation.refine import model_k, refine, refine_unknown_k, run_model
 
 EXIT_USAGE = 2
 # Its own stream: the bank shares no set with any run's training, validation or evaluation.
@@ -46,6 +55,22 @@ COMPARISON_STREAM = "comparison"
 BATCH_SIZE = 32
 YARDSTICKS = ("bayes", "bayes_unknown_k", "em_tied", "em_bic", "em", "oracle")
 RUN_METHODS = ("model", "refined", "refined_told_k")
+# The methods that choose K, whose count is scored: yardsticks, and each run's two.
+COUNTING_YARDSTICKS = ("bayes_unknown_k", "em_bic")
+COUNTING_RUN_METHODS = ("model", "refined")
+SNR_BINS = 5
+
+
+class Bank:
+    """Per-set results on the comparison bank, s sets: each yardstick's MSE and whether its K
+    is right ({name: [s]}), each run's ([runs, methods, s]), and each set's SNR bin [s]."""
+
+    def __init__(self, yardsticks: dict[str, torch.Tensor], runs: torch.Tensor,
+                 yardstick_k_right: dict[str, torch.Tensor], run_k_right: torch.Tensor,
+                 snr_bin: torch.Tensor, bin_labels: list[str]) -> None:
+        self.yardsticks, self.runs = yardsticks, runs
+        self.yardstick_k_right, self.run_k_right = yardstick_k_right, run_k_right
+        self.snr_bin, self.bin_labels = snr_bin, bin_labels
 
 
 class UsageError(Exception):
@@ -66,16 +91,20 @@ def load_runs(runs: list[Path]) -> tuple[ExperimentConfig, list[torch.nn.Module]
 
 
 def per_set_errors(saved: ExperimentConfig, models: list[torch.nn.Module], data_preset: str,
-                   num_sets: int, seed: int, iterations: int
-                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """MSE per set of every yardstick ({name: [s]}) and of every run's methods
-    ([runs, RUN_METHODS, s]) on one bank of s = ``num_sets`` sets."""
+                   num_sets: int, seed: int, iterations: int) -> Bank:
+    """MSE per set of every yardstick and of every run's methods (RUN_METHODS), whether each
+    counting method's K is right, and each set's SNR bin, on one bank of ``num_sets`` sets."""
     try:
-        sampler = GMMSampler(preset_data(data_preset), seed)
+        data = preset_data(data_preset)
+        sampler = GMMSampler(data, seed)
     except (ConfigError, KeyError) as error:
         raise UsageError(str(error)) from None
+    edges = snr_bins(data.snr_db_params, SNR_BINS)
     yardsticks: dict[str, list[torch.Tensor]] = {name: [] for name in YARDSTICKS}
+    yardstick_k: dict[str, list[torch.Tensor]] = {name: [] for name in COUNTING_YARDSTICKS}
     runs: list[torch.Tensor] = []
+    run_k: list[torch.Tensor] = []
+    bins: list[torch.Tensor] = []
     starts = range(0, num_sets, BATCH_SIZE)
     for step, start in enumerate(tqdm(starts, desc="sets", unit="batch", file=sys.stderr)):
         batch = sampler.batch(step, min(BATCH_SIZE, num_sets - start), stream=COMPARISON_STREAM)
@@ -87,7 +116,10 @@ def per_set_errors(saved: ExperimentConfig, models: list[torch.nn.Module], data_
             result = run_baseline(name, batch, saved.validation.em,
                                   make_generator(seed + 7919 * step), saved.validation.bayes)
             yardsticks[name].append(error(result.centres))
-        rows = []
+            if name in COUNTING_YARDSTICKS:
+                yardstick_k[name].append(result.k_hat == batch.k)
+        bins.append(snr_bin_index(batch.snr_db, edges))
+        rows, k_rows = [], []
         for model in models:
             with torch.no_grad():
                 pred, probs = run_model(model, batch.points, batch.mask)
@@ -97,14 +129,48 @@ def per_set_errors(saved: ExperimentConfig, models: list[torch.nn.Module], data_
             told = refine(batch.points, pred, batch.k, batch.mask, iterations=iterations,
                           generator=generator)
             rows.append(torch.stack([error(pred), error(own.centres), error(told.centres)]))
+            k_rows.append(torch.stack([model_k(pred, batch.points, batch.mask, probs) == batch.k,
+                                       own.k_hat == batch.k]))
         runs.append(torch.stack(rows))
-    return ({name: torch.cat(v).double() for name, v in yardsticks.items()},
-            torch.cat(runs, dim=-1).double())
+        run_k.append(torch.stack(k_rows))
+    return Bank({name: torch.cat(v).double() for name, v in yardsticks.items()},
+                torch.cat(runs, dim=-1).double(),
+                {name: torch.cat(v).double() for name, v in yardstick_k.items()},
+                torch.cat(run_k, dim=-1).double(), torch.cat(bins), snr_bin_labels(edges))
 
 
 def ratio_minus_one(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
     """MSE ratio - 1 of set-averaged errors (last dimension: sets)."""
     return top.mean(-1) / bottom.mean(-1) - 1
+
+
+def by_snr(bank: Bank, resamples: int) -> dict:
+    """Per SNR bin: each yardstick's and the runs' mean (each set's error averaged over the runs)
+    excess over both floors with bootstrap SEs over the bin's sets, and each counting method's
+    K accuracy (the runs': their mean)."""
+    methods = {**bank.yardsticks,
+               **{m: bank.runs[:, j].mean(0) for j, m in enumerate(RUN_METHODS)}}
+    k_right = {**bank.yardstick_k_right,
+               **{m: bank.run_k_right[:, j].mean(0) for j, m in enumerate(COUNTING_RUN_METHODS)}}
+    out = {}
+    for index, label in enumerate(bank.bin_labels):
+        members = (bank.snr_bin == index).nonzero().squeeze(1)
+        if members.numel() < 2:
+            continue
+        picks = members[torch.randint(0, members.numel(), (resamples, members.numel()),
+                                      generator=torch.Generator().manual_seed(index))]
+        row: dict = {"sets": members.numel()}
+        for name, errors in methods.items():
+            row[name] = {}
+            for floor, key in (("bayes", "excess_over_bayes"),
+                               ("bayes_unknown_k", "excess_over_bayes_unknown_k")):
+                bottom = bank.yardsticks[floor]
+                row[name][key] = ratio_minus_one(errors[members], bottom[members]).item()
+                row[name][f"{key}_se"] = ratio_minus_one(errors[picks], bottom[picks]).std().item()
+            if name in k_right:
+                row[name]["k_accuracy"] = k_right[name][members].mean().item()
+        out[label] = row
+    return out
 
 
 def compare(yardsticks: dict[str, torch.Tensor], runs: torch.Tensor, names: list[str],
@@ -176,8 +242,8 @@ def main() -> None:
                                 f"number of runs ({len(args.runs)})\n")
     try:
         saved, models = load_runs(args.runs)
-        yardsticks, runs = per_set_errors(saved, models, args.data_preset, args.num_sets,
-                                          args.seed, args.refine)
+        bank = per_set_errors(saved, models, args.data_preset, args.num_sets, args.seed,
+                              args.refine)
     except UsageError as error:
         parser.exit(EXIT_USAGE, f"error: {error}\n")
     names = [str(run) for run in args.runs]
@@ -187,7 +253,8 @@ def main() -> None:
         "data_preset": args.data_preset, "sets": args.num_sets, "seed": args.seed,
         "stream": COMPARISON_STREAM, "bootstrap": args.bootstrap,
         "refine_iterations": args.refine, "group_size": group_size,
-        **compare(yardsticks, runs, names, group_size, args.bootstrap),
+        **compare(bank.yardsticks, bank.runs, names, group_size, args.bootstrap),
+        "by_snr": by_snr(bank, args.bootstrap),
     }
     if args.save is not None:
         args.save.write_text(json.dumps(report, indent=2) + "\n")
@@ -219,6 +286,23 @@ def main() -> None:
         print(f"mean over the {len(report['runs'])} runs:")
         for method in RUN_METHODS:
             print(line(method, report["mean_over_runs"][method]))
+    shown = ("model", "refined", "refined_told_k", "em_tied", "em_bic", "bayes_unknown_k")
+    for key, title in (("excess_over_bayes", "over the floor told K"),
+                       ("excess_over_bayes_unknown_k", "over the floor not told K")):
+        print(f"by SNR bin, {title} (%, runs: their mean):")
+        print("| SNR bin | sets | " + " | ".join(shown) + " |")
+        print("|---" * (len(shown) + 2) + "|")
+        for label, row in report["by_snr"].items():
+            print(f"| {label} | {row['sets']} | " + " | ".join(
+                f"{100 * row[m][key]:+.1f} ± {100 * row[m][key + '_se']:.1f}" for m in shown)
+                + " |")
+    counting = (*COUNTING_RUN_METHODS, *COUNTING_YARDSTICKS)
+    print("by SNR bin, K right (runs: their mean):")
+    print("| SNR bin | " + " | ".join(counting) + " |")
+    print("|---" * (len(counting) + 1) + "|")
+    for label, row in report["by_snr"].items():
+        print(f"| {label} | " + " | ".join(f"{row[m]['k_accuracy']:.3f}" for m in counting)
+              + " |")
 
 
 if __name__ == "__main__":
