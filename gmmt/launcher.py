@@ -35,13 +35,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         launch_command(args)
     except SignalException as err:
-        name = signal.Signals(err.sigval).name
-        what = ("its processes were told to write a checkpoint and stop" if name == "SIGTERM"
-                else f"its processes were sent {name}")  # only SIGTERM checkpoints first
-        print(f"gmmt: launcher stopped by {name}: {what}; continue with --resume latest",
-              file=sys.stderr)
-        return 0 if name == "SIGTERM" else 128 + err.sigval
+        return _stopped(signal.Signals(err.sigval))
+    except SystemExit as err:
+        # accelerate >= 1.16 catches the SignalException itself and exits 128 + the signal.
+        if isinstance(err.code, int) and err.code - 128 in _SIGNALS:
+            return _stopped(signal.Signals(err.code - 128))
+        raise
     return 0
+
+
+_SIGNALS = {int(s) for s in signal.Signals}
+
+
+def _stopped(sig: signal.Signals) -> int:
+    """One line for a launcher stopped by ``sig``; exit code 0 for SIGTERM, else 128 + n."""
+    what = ("its processes were told to write a checkpoint and stop" if sig == signal.SIGTERM
+            else f"its processes were sent {sig.name}")  # only SIGTERM checkpoints first
+    print(f"gmmt: launcher stopped by {sig.name}: {what}; continue with --resume latest",
+          file=sys.stderr)
+    return 0 if sig == signal.SIGTERM else 128 + int(sig)
 
 
 if __name__ == "__main__":
