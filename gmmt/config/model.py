@@ -167,10 +167,11 @@ class RefinementConfig:
     """Amortized + refined inference: tied-variance EM on the points, started from the model's
     clusters, returns each point's posterior-mean centre under the fitted mixture.
 
-    Not told K, every K the count head gives at least 1 % is refined and the results are
-    averaged with weights P_head(K) exp(-BIC_K / 2) (without a head: the number of groups in
-    the predictions); told K, the true one. Either way the start is the model's predictions
-    clustered into K groups.
+    Not told K, every K the count head gives at least 1 % is refined, the results are
+    averaged with weights P_head(K) exp(-BIC_K / 2), and that average is blended with the
+    model's own prediction by the head's largest probability (without a head: the number of
+    groups in the predictions, unblended); told K, the true one. Either way the start is the
+    model's predictions clustered into K groups.
     """
 
     enabled: bool = setting(

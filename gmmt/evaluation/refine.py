@@ -17,8 +17,13 @@ Which K:
   P_head(K | x) exp(-BIC_K / 2): the head's answer times the refined fit's BIC approximation
   of the evidence p(x | K) (BIC = -2 log L + p log n, p = Kd + K free parameters of a tied
   spherical mixture). The head alone weighs the likely K less well, and BIC alone needs a fit
-  for every K; both were measured (docs/experiments.md). Without a count head, K is the number
-  of groups in the model's predictions (:func:`gmmt.evaluation.grouping.group_predictions`).
+  for every K; both were measured (docs/experiments.md). That average is then blended with
+  the model's own prediction, c * refined + (1 - c) * raw, where c is the head's probability of
+  its most probable K: a mixture fitted at a K the head is unsure of is often wrong, the network
+  answers without choosing K, and the two err differently, so where the count is uncertain
+  their average beats either alone (where the head is sure, c ~ 1 and the fit stands). Without
+  a count head, K is the number of groups in the model's predictions
+  (:func:`gmmt.evaluation.grouping.group_predictions`) and the fit is returned unblended.
 
 Shape legend: b sets, n points, d dims, k components (K_max of the batch).
 """
@@ -104,14 +109,27 @@ def refine_unknown_k(points: Tensor, pred: Tensor, count_probabilities: Tensor |
                      groups_k: Tensor | None = None) -> BaselineResult:
     """Refined centres when K is not told (module docstring): averaged over the count head's
     likely K values (``count_probabilities`` [b, K_max]) with weights from the head and each
-    fit's BIC, or, when ``count_probabilities`` is None, with the number of groups of the
-    predictions (``groups_k`` [b] if the caller has grouped them already).
+    fit's BIC, then blended with ``pred`` by the head's confidence (:func:`blend`); or, when
+    ``count_probabilities`` is None, fitted with the number of groups of the predictions
+    (``groups_k`` [b] if the caller has grouped them already).
 
     The assignments are those of the K with the largest weight, which is ``k_hat``.
     """
     if count_probabilities is None:
         k_hat = model_k(pred, points, mask, None) if groups_k is None else groups_k
         return refine(points, pred, k_hat, mask, iterations=iterations, generator=generator)
+    averaged = average_over_k(points, pred, count_probabilities, mask, iterations=iterations,
+                              generator=generator)
+    averaged.centres = blend(averaged.centres, pred, count_probabilities.amax(1), mask)
+    return averaged
+
+
+def average_over_k(points: Tensor, pred: Tensor, count_probabilities: Tensor,
+                   mask: Tensor | None = None, *, iterations: int = 20,
+                   generator: torch.Generator | None = None) -> BaselineResult:
+    """The refined centres averaged over the head's likely K with weights w_K (module
+    docstring), before the blend; the assignments are those of the K with the largest weight,
+    which is ``k_hat``."""
     probs = count_probabilities.to(points.device, torch.float64)
     b, k_max = probs.shape
     kept = (probs >= MIN_PROBABILITY) | torch.nn.functional.one_hot(
@@ -140,3 +158,16 @@ def refine_unknown_k(points: Tensor, pred: Tensor, count_probabilities: Tensor |
         chosen = k_hat[sets] == k
         assignments[sets[chosen]] = result.assignments[chosen]
     return BaselineResult(centres, assignments, k_hat)
+
+
+def blend(refined: Tensor, pred: Tensor, confidence: Tensor,
+          mask: Tensor | None = None) -> Tensor:
+    """c * refined + (1 - c) * pred [b, n, d] (0 at padding), c = ``confidence`` [b]: the count
+    head's probability of its most probable K (module docstring).
+
+    Not the fits' weights w_K: their BIC is sure of one K on almost every set (median weight
+    0.998 on the harder priors), overlapping ones included, so blending by them changes little
+    (docs/experiments.md)."""
+    c = confidence.to(refined.device, refined.dtype).view(-1, 1, 1)
+    blended = c * refined + (1 - c) * pred.to(refined.dtype)
+    return blended if mask is None else blended.masked_fill(~mask.unsqueeze(-1), 0.0)
