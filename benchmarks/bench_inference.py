@@ -5,9 +5,13 @@ preset) it times, side by side in one process:
 
 * ``model``: the trained GMM transformer, batched forward (no grad, fp32), and
   ``model_grouped``: the same plus the grouping of its predictions (its own clustering and K);
+* ``refined`` and ``refined_told_k``: the forward pass plus at most ``--refine`` tied-EM
+  iterations from its clusters (:mod:`gmmt.evaluation.refine`), not told K (its count head's K,
+  else its grouping's) and told the true K: the cost per set of amortized + refined inference;
 * the torch baselines of ``gmmt.evaluation.baselines``, each with what it is told: ``oracle``
-  (true parameters: unattainable), ``bayes`` (K, sigma and the prior: the floor), ``em_tied``,
-  ``em``, ``kmeans`` (the true K), ``em_bic`` (K_max; chooses K by BIC), ``identity``;
+  (true parameters: unattainable), ``bayes`` (K, sigma and the prior: the floor),
+  ``bayes_unknown_k`` (sigma and the prior: the floor not told K), ``em_tied``, ``em``,
+  ``kmeans`` (the true K), ``em_bic`` (K_max; chooses K by BIC), ``identity``;
 * ``em_sklearn``: scikit-learn ``GaussianMixture(covariance_type="spherical")`` with the true K,
   and ``dpgmm_sklearn``: ``BayesianGaussianMixture`` with a Dirichlet-process prior over up to
   K_max components (it chooses K: the components that own points), each run the way a user
@@ -17,7 +21,8 @@ For each: sets/s, points/s, its centre MSE per coordinate, MSE/σ², MSE over th
 K accuracy where the method chooses K, and ``speedup_vs_sklearn``. Restart counts follow the
 run's EM config (``--n-init`` overrides).
 
-Usage: ``python benchmarks/bench_inference.py RUN_DIR [--sets 512] [--points 300] [--json]``
+Usage: ``python benchmarks/bench_inference.py RUN_DIR [--sets 512] [--points 300] [--refine 20]
+[--json]``
 (RUN_DIR: a finished run, e.g. of the cpu_reference preset)
 """
 
@@ -46,10 +51,12 @@ from gmmt.data.gmm import GMMSampler
 from gmmt.evaluation.baselines import run_baseline
 from gmmt.evaluation.grouping import group_predictions
 from gmmt.evaluation.metrics import centre_mse_per_set
+from gmmt.evaluation.refine import refine, refine_unknown_k, run_model
 
 # Methods too slow to repeat: timed once.
-ONCE = ("bayes", "em_sklearn", "dpgmm_sklearn")
-TORCH_BASELINES = ("oracle", "bayes", "em_tied", "em", "em_bic", "kmeans", "identity")
+ONCE = ("bayes", "bayes_unknown_k", "em_sklearn", "dpgmm_sklearn")
+TORCH_BASELINES = ("oracle", "bayes", "bayes_unknown_k", "em_tied", "em", "em_bic", "kmeans",
+                   "identity")
 Answer = tuple[torch.Tensor, torch.Tensor | None]  # centres [b, n, d], K chosen [b] or None
 
 try:
@@ -77,6 +84,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--n-init", type=int, help="EM / k-means restarts (default: run's)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--refine", type=int, default=20, metavar="ITERATIONS",
+                        help="EM iterations at most of the refined model")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -100,6 +109,20 @@ def main() -> None:
     def model_grouped() -> Answer:
         centres = model_forward()[0]
         return centres, group_predictions(centres, batch.points, batch.mask).k_hat
+
+    def refined(told_k: bool) -> Callable[[], Answer]:
+        def fit() -> Answer:
+            with torch.no_grad():
+                pred, probs = run_model(model, batch.points, batch.mask, batch.snr_db)
+            generator = torch.Generator().manual_seed(0)
+            if told_k:
+                return refine(batch.points, pred, batch.k, batch.mask, iterations=args.refine,
+                              generator=generator).centres, None
+            result = refine_unknown_k(batch.points, pred, probs, batch.mask,
+                                      iterations=args.refine, generator=generator)
+            return result.centres, result.k_hat
+
+        return fit
 
     def torch_baseline(name: str) -> Callable[[], Answer]:
         def fit() -> Answer:
@@ -134,7 +157,9 @@ def main() -> None:
         return torch.from_numpy(out), torch.tensor(chosen)
 
     methods: dict[str, Callable[[], Answer]] = {"model": model_forward,
-                                                "model_grouped": model_grouped}
+                                                "model_grouped": model_grouped,
+                                                "refined": refined(False),
+                                                "refined_told_k": refined(True)}
     methods |= {name: torch_baseline(name) for name in TORCH_BASELINES}
     methods |= {"em_sklearn": em_sklearn, "dpgmm_sklearn": dpgmm_sklearn}
     sigma2 = batch.sigma.double().square()
@@ -157,7 +182,8 @@ def main() -> None:
     report = {"benchmark": "inference", "date": date.today().isoformat(),
               "machine": machine(),
               "torch": torch.__version__, "threads": args.threads, "run": str(args.run),
-              "sets": args.sets, "points": args.points, "n_init": n_init, "methods": rows}
+              "sets": args.sets, "points": args.points, "n_init": n_init,
+              "refine_iterations": args.refine, "methods": rows}
     if args.json:
         print(json.dumps(report, indent=2))
         return
