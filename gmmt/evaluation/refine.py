@@ -165,9 +165,8 @@ def blend(refined: Tensor, pred: Tensor, confidence: Tensor,
     """c * refined + (1 - c) * pred [b, n, d] (0 at padding), c = ``confidence`` [b]: the count
     head's probability of its most probable K (module docstring).
 
-    Not the fits' weights w_K: their BIC is sure of one K on almost every set (median weight
-    0.998 on the harder priors), overlapping ones included, so blending by them changes little
-    (docs/experiments.md)."""
+    Not the fits' weights w_K: their BIC is sure of one K on almost every set, overlapping
+    ones included, so blending by them changes little (docs/experiments.md)."""
     c = confidence.to(refined.device, refined.dtype).view(-1, 1, 1)
     blended = c * refined + (1 - c) * pred.to(refined.dtype)
     return blended if mask is None else blended.masked_fill(~mask.unsqueeze(-1), 0.0)
