@@ -37,7 +37,7 @@ BASELINE_COLOURS = {"identity": "tab:gray", "oracle": "tab:green", "bayes": "tab
 # Legend names that say what a yardstick knows.
 LEGEND_NAMES = {"oracle": "oracle (knows the parameters)", "bayes": "bayes (the floor)",
                 "bayes_unknown_k": "bayes not told K (its floor)",
-                "em_bic": "em_bic (chooses K)", "refined": "model + EM (its own K)",
+                "em_bic": "em_bic (chooses K)", "refined": "model + EM (its own K, blended)",
                 "refined_told_k": "model + EM (told K)"}
 DPI = 110
 FONT = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "legend.fontsize": 9}

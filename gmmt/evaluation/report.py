@@ -99,7 +99,7 @@ def draw_plots(config: ValidationConfig, out_dir: str | Path, model: nn.Module,
 # What each method is told: a score means little without it.
 KNOWS = {
     MODEL: "the points only",
-    "refined": "the points only; EM from the model's clusters and K",
+    "refined": "the points only; EM from the model's clusters and K, blended with its answer",
     "refined_told_k": "K; EM from the model's clusters",
     "oracle": "true centres, weights, σ (unattainable)",
     "bayes": "K, σ and the prior (the floor)",
