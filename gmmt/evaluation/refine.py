@@ -118,13 +118,13 @@ def refine_unknown_k(points: Tensor, pred: Tensor, count_probabilities: Tensor |
     if count_probabilities is None:
         k_hat = model_k(pred, points, mask, None) if groups_k is None else groups_k
         return refine(points, pred, k_hat, mask, iterations=iterations, generator=generator)
-    averaged = average_over_k(points, pred, count_probabilities, mask, iterations=iterations,
+    averaged = _average_over_k(points, pred, count_probabilities, mask, iterations=iterations,
                               generator=generator)
     averaged.centres = blend(averaged.centres, pred, count_probabilities.amax(1), mask)
     return averaged
 
 
-def average_over_k(points: Tensor, pred: Tensor, count_probabilities: Tensor,
+def _average_over_k(points: Tensor, pred: Tensor, count_probabilities: Tensor,
                    mask: Tensor | None = None, *, iterations: int = 20,
                    generator: torch.Generator | None = None) -> BaselineResult:
     """The refined centres averaged over the head's likely K with weights w_K (module
