@@ -119,7 +119,7 @@ def refine_unknown_k(points: Tensor, pred: Tensor, count_probabilities: Tensor |
         k_hat = model_k(pred, points, mask, None) if groups_k is None else groups_k
         return refine(points, pred, k_hat, mask, iterations=iterations, generator=generator)
     averaged = _average_over_k(points, pred, count_probabilities, mask, iterations=iterations,
-                              generator=generator)
+                               generator=generator)
     averaged.centres = blend(averaged.centres, pred, count_probabilities.amax(1), mask)
     return averaged
 
